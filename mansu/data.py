@@ -1,0 +1,89 @@
+"""The data every stage shares: multiple-choice questions in the WMDP schema, and splits.
+
+A question is ``{"question": str, "choices": [str, str, str, str], "answer": int}`` (the WMDP/MMLU
+schema); a split is the questions used to *measure* a domain plus the text used to *train* on it
+(the forget corpus of WMDP, or the fact statements of the synthetic benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LETTERS = ("A", "B", "C", "D")
+
+
+class BenchmarkFileError(ValueError):
+    """A benchmark file that does not follow the schema; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class MCQ:
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+
+    def __post_init__(self):
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise ValueError("question must be a non-empty string")
+        if len(self.choices) < 2 or not all(isinstance(c, str) and c for c in self.choices):
+            raise ValueError("choices must be a list of at least two non-empty strings")
+        if isinstance(self.answer, bool) or not isinstance(self.answer, int):
+            raise ValueError("answer must be an integer index into choices")
+        if not 0 <= self.answer < len(self.choices):
+            raise ValueError(f"answer {self.answer} is out of range for {len(self.choices)} choices")
+
+    def to_json(self) -> dict:
+        return {"question": self.question, "choices": list(self.choices), "answer": self.answer}
+
+    @classmethod
+    def from_json(cls, row: dict) -> MCQ:
+        missing = {"question", "choices", "answer"} - set(row)
+        if missing:
+            raise ValueError(f"missing field(s) {sorted(missing)}")
+        return cls(row["question"], tuple(row["choices"]), row["answer"])
+
+
+@dataclass
+class Split:
+    """One domain of a benchmark: questions to evaluate on and texts to train on."""
+
+    questions: list[MCQ]
+    corpus: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+
+def read_mcq_jsonl(path: str | Path) -> list[MCQ]:
+    """Read a WMDP-schema JSONL file; a bad line raises BenchmarkFileError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkFileError(f"benchmark file not found: {path}")
+    questions = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("expected a JSON object")
+                questions.append(MCQ.from_json(row))
+            except (ValueError, TypeError) as err:
+                raise BenchmarkFileError(f"{path}:{lineno}: {err}") from None
+    if not questions:
+        raise BenchmarkFileError(f"{path}: no questions in file")
+    return questions
+
+
+def write_mcq_jsonl(questions: list[MCQ], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for q in questions:
+            f.write(json.dumps(q.to_json()) + "\n")
+    tmp.replace(path)
+    return path
