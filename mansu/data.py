@@ -87,3 +87,23 @@ def write_mcq_jsonl(questions: list[MCQ], path: str | Path) -> Path:
             f.write(json.dumps(q.to_json()) + "\n")
     tmp.replace(path)
     return path
+
+
+@dataclass
+class Benchmark:
+    """What a benchmark config builds: the forget and retain domains and how to score them.
+
+    ``extra_retain`` holds further retain-style evaluations reported beside the main ones (e.g. an
+    MMLU subsample next to a fact set); ``inject`` says the model must first be taught the facts
+    (only the embedded synthetic benchmark does this, for the tiny model).
+    """
+
+    name: str
+    forget: Split
+    retain: Split
+    scoring: str = "cloze"
+    extra_retain: dict[str, Split] = field(default_factory=dict)
+    inject: bool = False
+
+    def all_texts(self) -> list[str]:
+        return self.forget.corpus + self.retain.corpus

@@ -1,0 +1,153 @@
+"""Load the model to unlearn: the embedded tiny Llama (built, taught the facts, cached) or any
+Hugging Face causal LM by hub id or local path. Every loader returns (model, tokenizer)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
+
+from mansu.context import RunContext
+from mansu.data import LETTERS, Benchmark
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded; the message says what to give instead."""
+
+
+def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the benchmark's own text: any string encodes, and letters and
+    names tokenize the way they do for real GPT-style tokenizers (leading-space tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    # The letter-scoring prompt's pieces, so " A".." D" and "Answer:" are single tokens.
+    extra = ["\n".join(f"{letter}. x" for letter in LETTERS) + "\nAnswer: A B C D"] * 20
+    tok.train_from_iterator(texts + extra, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<pad>")
+
+
+def cache_key(*parts) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_tiny(
+    benchmark: Benchmark,
+    ctx: RunContext,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 384,
+    vocab_size: int = 1024,
+    inject_steps: int = 3000,
+    inject_lr: float = 3.0e-3,
+    inject_batch_size: int = 64,
+    target_accuracy: float = 0.98,
+    init_seed: int = 0,
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A small Llama (GQA when num_kv_heads < num_heads) taught the benchmark's facts, cached under
+    ctx.cache_dir/models keyed by these knobs and the benchmark's text, so a second run reuses it."""
+    from mansu.injection import inject_knowledge
+
+    knobs = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                 num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                 vocab_size=vocab_size, inject_steps=inject_steps, inject_lr=inject_lr,
+                 inject_batch_size=inject_batch_size, target_accuracy=target_accuracy,
+                 init_seed=init_seed)
+    texts = benchmark.all_texts()
+    key = cache_key("tiny-v1", knobs, texts, [q.to_json() for q in benchmark.forget.questions])
+    path = Path(ctx.cache_dir) / "models" / f"tiny-{key}"
+    if (path / "injection.json").is_file():
+        log.info("reusing injected tiny model %s", path)
+        return _load_dir(path, torch.float32), PreTrainedTokenizerFast.from_pretrained(path)
+
+    tokenizer = build_tokenizer(texts, vocab_size)
+    torch.manual_seed(init_seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                         max_position_embeddings=256, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    report = inject_knowledge(model, tokenizer, benchmark, steps=inject_steps, lr=inject_lr,
+                              batch_size=inject_batch_size, target_accuracy=target_accuracy,
+                              seed=init_seed)
+    _save_atomically(model, tokenizer, path, {"knobs": knobs, **report})
+    return model, tokenizer
+
+
+def load_pretrained(
+    benchmark: Benchmark,
+    ctx: RunContext,
+    *,
+    name_or_path: str,
+    dtype: str = "bfloat16",
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """A Hugging Face causal LM by local path or hub id. Offline (HF_HUB_OFFLINE=1, the default of
+    `make run`), a hub id that is not already cached fails at once with a message asking for a path."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    local = Path(os.path.expanduser(name_or_path))
+    looks_like_path = name_or_path.startswith(("/", ".", "~")) or local.exists()
+    if looks_like_path and not local.is_dir():
+        raise ModelLoadError(f"model path does not exist: {name_or_path}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code,
+                  local_files_only=offline and not looks_like_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+            device_map=device_map, **kwargs)
+    except OSError as err:
+        if offline and not looks_like_path:
+            raise ModelLoadError(
+                f"model {name_or_path!r} is not in the local Hugging Face cache and the hub is "
+                f"offline (HF_HUB_OFFLINE=1); give a local directory instead: "
+                f"model.name_or_path=/path/to/model") from None
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _load_dir(path: Path, dtype: torch.dtype):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+
+
+def _save_atomically(model, tokenizer, path: Path, meta: dict) -> None:
+    """Write into a sibling temp folder and rename, so a killed run never leaves half a model."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "injection.json").write_text(json.dumps(meta, indent=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)

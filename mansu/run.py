@@ -1,0 +1,276 @@
+"""`mansu`: one run = load → [inject] → evaluate θ0 → unlearn → evaluate θu → quantize θ0 and θu →
+evaluate both → diagnostics → record. Each stage is a plain function called in order by `run`; the
+leaves (model, benchmark, method, quantizer, logger) are built from their configs' `_target_`.
+
+Q(θ0) is built and evaluated before unlearning, so θ0 never needs a second copy on the device, and
+stage results are cached by config (mansu.cache), so a sweep evaluates θ0 once and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mansu.cache import StageCache, key_of
+from mansu.config import ConfigError, validate
+from mansu.context import RunContext
+from mansu.data import Benchmark, BenchmarkFileError
+from mansu.models import ModelLoadError
+from mansu.record import (atomic_write_json, environment, paired_bootstrap, summary_table,
+                          verdicts)
+
+log = logging.getLogger("mansu")
+
+# Errors whose message says everything: no traceback on the terminal for these.
+CLEAR_ERRORS = (ConfigError, BenchmarkFileError, ModelLoadError, ValueError)
+
+
+@dataclass
+class EvalSettings:
+    """conf/eval/: how models are scored and what the four verdicts require (METHOD.md §6)."""
+
+    batch_size: int = 32
+    bootstrap_iters: int = 1000
+    scoring: str | None = None          # None = the benchmark's own scoring
+    diagnostics: bool = True            # update-versus-bin diagnostics (METHOD.md §2)
+    noise_control: bool = True          # θu + noise of the quantizer's own error RMS
+    cache: bool = True                  # reuse stage results keyed by config
+    min_forgetting: float = 0.10
+    max_retain_drop: float = 0.03
+    max_ptq_gap: float = 0.0
+    min_cad_over_floor: float = 0.5
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig):
+    return run_guarded(cfg, Path(HydraConfig.get().runtime.output_dir),
+                       multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
+
+
+def run_guarded(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> dict:
+    """Run, and whatever happens leave a record: a failed job writes what it measured and why it
+    stopped; in a sweep the other jobs go on, alone it exits with one clear line."""
+    record: dict = {"status": "running", "run_dir": str(run_dir)}
+    try:
+        run(cfg, run_dir, record)
+        return record
+    except Exception as err:  # a sweep must survive any one job's failure
+        record.update(status=getattr(err, "status", "failed"),
+                      error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        path = atomic_write_json(run_dir / "result.json", record)
+        if isinstance(err, CLEAR_ERRORS):
+            log.error("%s (record: %s)", err, path)
+        else:
+            log.exception("run failed (record: %s)", path)
+        if multirun:
+            return record
+        raise SystemExit(f"mansu: error: {err}") from None
+
+
+def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
+    validate(cfg)
+    settings: EvalSettings = instantiate(cfg.eval)
+    ctx = make_context(cfg, run_dir)
+    cache = StageCache(ctx.cache_dir, enabled=settings.cache)
+    tracker = instantiate(cfg.logger)
+    timings: dict[str, float] = {}
+    stage = stopwatch(timings)
+    record.update(describe(cfg, ctx), timings=timings, environment=environment())
+    tracker.start(OmegaConf.to_container(cfg, resolve=True), run_dir, run_dir.name)
+
+    with stage("load"):
+        benchmark, model, tokenizer = load(cfg, ctx)
+    scoring = settings.scoring or benchmark.scoring
+    ctx = RunContext(**{**asdict(ctx), "scoring": scoring})
+    record["scoring"] = scoring
+    accuracy = record.setdefault("metrics", {}).setdefault("accuracy", {})
+    model_key = key_of(cfg.model, cfg.benchmark, cfg.storage, scoring, settings.bootstrap_iters)
+    quantized = cfg.quantizer.quant_type != "none"
+
+    with stage("evaluate_theta0"):
+        accuracy["theta0"] = cache.json("eval", key_of(model_key, "theta0"), lambda: evaluate(
+            model, tokenizer, benchmark, scoring, settings))
+    if quantized:
+        with stage("quantize_theta0"):
+            accuracy["q_theta0"] = cache.json(
+                "eval", key_of(model_key, cfg.quantizer, "q_theta0"),
+                lambda: evaluate(quantize(model, cfg), tokenizer, benchmark, scoring, settings))
+
+    theta0 = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
+    unlearn_key = key_of(model_key, cfg.method, ctx.seed)
+    with stage("unlearn"):
+        record["metrics"]["unlearning"] = unlearn(model, tokenizer, benchmark, ctx, cfg, cache,
+                                                  unlearn_key, theta0)
+    with stage("evaluate_thetau"):
+        accuracy["thetau"] = cache.json("eval", key_of(unlearn_key, "thetau"), lambda: evaluate(
+            model, tokenizer, benchmark, scoring, settings))
+    if quantized:
+        with stage("quantize_thetau"):
+            qmodel = quantize(model, cfg)
+            accuracy["q_thetau"] = cache.json(
+                "eval", key_of(unlearn_key, cfg.quantizer, "q_thetau"),
+                lambda: evaluate(qmodel, tokenizer, benchmark, scoring, settings))
+        record["metrics"]["ptq_gap"] = paired_bootstrap(
+            accuracy["thetau"]["forget"]["correct"], accuracy["q_thetau"]["forget"]["correct"],
+            iters=settings.bootstrap_iters, seed=ctx.seed)
+        if settings.diagnostics:
+            with stage("diagnostics"):
+                record["metrics"]["diagnostics"] = diagnose(theta0, model, qmodel, cfg)
+        if settings.noise_control:
+            with stage("noise_control"):
+                record["metrics"]["noise_control"] = noise_control(
+                    model, qmodel, tokenizer, benchmark, scoring, settings, ctx, accuracy)
+        del qmodel
+    # Per-question outcomes go beside the record (for paired comparisons across runs), not in it.
+    atomic_write_json(run_dir / "predictions.json", {
+        model_name: {split: result.pop("correct") for split, result in splits.items()}
+        for model_name, splits in accuracy.items()})
+
+    record["verdicts"] = verdicts(
+        record["metrics"], min_forgetting=settings.min_forgetting,
+        max_retain_drop=settings.max_retain_drop, max_ptq_gap=settings.max_ptq_gap,
+        min_cad_over_floor=settings.min_cad_over_floor)
+    record["status"] = "ok"
+    path = atomic_write_json(run_dir / "result.json", record)
+    tracker.log_record(record)
+    tracker.finish(ok=True)
+    log.info("record: %s\n%s", path, summary_table(record))
+    return record
+
+
+def make_context(cfg: DictConfig, run_dir: Path) -> RunContext:
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return RunContext(seed=cfg.seed, storage=cfg.storage, device=device, run_dir=run_dir,
+                      cache_dir=Path(cfg.cache_dir))
+
+
+def describe(cfg: DictConfig, ctx: RunContext) -> dict:
+    choices = {}
+    if HydraConfig.initialized():
+        runtime = HydraConfig.get().runtime.choices
+        choices = {g: runtime.get(g) for g in ("model", "benchmark", "method", "quantizer")}
+    return {"choices": choices, "seed": ctx.seed, "storage": ctx.storage, "device": ctx.device,
+            "quantizer": cfg.quantizer.quant_type,
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+@contextmanager
+def stopwatch_stage(timings: dict, name: str):
+    log.info("stage %s", name)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - start, 3)
+
+
+def stopwatch(timings: dict):
+    return lambda name: stopwatch_stage(timings, name)
+
+
+def load(cfg: DictConfig, ctx: RunContext) -> tuple[Benchmark, torch.nn.Module, object]:
+    benchmark: Benchmark = instantiate(cfg.benchmark)
+    if not benchmark.forget.questions:
+        raise ValueError("the forget set is empty")
+    model, tokenizer = instantiate(cfg.model, _partial_=True)(benchmark, ctx)
+    model = model.to(device=ctx.device, dtype=ctx.param_dtype)
+    model.eval()
+    return benchmark, model, tokenizer
+
+
+def evaluate(model, tokenizer, benchmark: Benchmark, scoring: str, settings: EvalSettings) -> dict:
+    from mansu.evaluation import evaluate_mcq
+
+    splits = {"forget": benchmark.forget, "retain": benchmark.retain, **benchmark.extra_retain}
+    results = {}
+    for name, split in splits.items():
+        result = evaluate_mcq(model, tokenizer, split.questions, scoring=scoring,
+                              batch_size=settings.batch_size,
+                              bootstrap_iters=settings.bootstrap_iters)
+        results[name] = {**result.to_json(), "correct": list(result.correct)}
+    return results
+
+
+def quantize(model, cfg: DictConfig):
+    return instantiate(cfg.quantizer)(model)
+
+
+def unlearn(model, tokenizer, benchmark: Benchmark, ctx: RunContext, cfg: DictConfig,
+            cache: StageCache, key: str, theta0: dict) -> dict:
+    """Run the method, or reapply its cached parameter changes. The changed tensors are kept as
+    safetensors (cache and run dir): θu = θ0 with these tensors replaced."""
+    info_path = cache.path("unlearn", key, ".json")
+    if cache.enabled and info_path.is_file():
+        changed = cache.tensors("unlearn", key, dict)
+        model.load_state_dict({k: v.to(ctx.device) for k, v in changed.items()}, strict=False)
+        info = cache.json("unlearn", key, dict)
+    else:
+        method = instantiate(cfg.method)
+        result = method(model, tokenizer, benchmark.forget, benchmark.retain, ctx)
+        if result.model is not model:
+            model.load_state_dict(result.model.state_dict())
+        changed = {name: t.detach().cpu() for name, t in model.state_dict().items()
+                   if not torch.equal(t.detach().cpu(), theta0[name])}
+        cache.tensors("unlearn", key, lambda: changed)
+        info = {"steps": result.steps, "losses": [float(x) for x in result.losses],
+                "changed_tensors": sorted(changed), **result.info}
+        cache.json("unlearn", key, lambda: info)
+    link_or_copy(cache.path("unlearn", key, ".safetensors"), ctx.run_dir / "unlearned.safetensors")
+    return info
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    if not src.is_file():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    try:
+        dst.hardlink_to(src)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def diagnose(theta0: dict, model, qmodel, cfg: DictConfig) -> dict:
+    from mansu.diagnostics import update_diagnostics
+    from mansu.quantization import dequantized_state
+
+    quantized_names = list(dequantized_state(qmodel))
+    thetau = model.state_dict()
+    return update_diagnostics({n: theta0[n] for n in quantized_names},
+                              {n: thetau[n].detach().cpu() for n in quantized_names},
+                              blocksize=cfg.quantizer.blocksize)
+
+
+def noise_control(model, qmodel, tokenizer, benchmark, scoring, settings, ctx, accuracy) -> dict:
+    """Forget accuracy of θu plus Gaussian noise of the quantizer's own per-tensor error RMS: a PTQ
+    gap is a reversal only beyond what this untargeted perturbation does."""
+    from mansu.diagnostics import noise_like_quantization
+    from mansu.evaluation import evaluate_mcq
+    from mansu.quantization import dequantized_state
+
+    qstate = dequantized_state(qmodel)
+    state = {n: t.detach().cpu() for n, t in model.state_dict().items() if n in qstate}
+    noisy = copy.deepcopy(model)
+    noisy.load_state_dict({n: t.to(ctx.device) for n, t in
+                           noise_like_quantization(state, qstate, seed=ctx.seed).items()},
+                          strict=False)
+    result = evaluate_mcq(noisy, tokenizer, benchmark.forget.questions, scoring=scoring,
+                          batch_size=settings.batch_size, bootstrap_iters=0)
+    return paired_bootstrap(accuracy["thetau"]["forget"]["correct"], list(result.correct),
+                            iters=settings.bootstrap_iters, seed=ctx.seed)
