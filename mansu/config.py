@@ -58,6 +58,8 @@ def validate_node(node: DictConfig, where: str) -> None:
     for key, value in values.items():
         if key in RESERVED:
             continue
+        if OmegaConf.is_missing(node, key):
+            raise ConfigError(f"{where}.{key}: required but not set (add {where}.{key}=...)")
         if key not in knobs:
             close = difflib.get_close_matches(key, list(knobs), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
