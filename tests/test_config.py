@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import CONF_DIR, compose_config
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from conftest import CONF_DIR, compose_config
 from mansu.config import ConfigError, fits, validate, validate_node
 
 GROUPS = ["model", "benchmark", "method", "quantizer", "eval", "logger"]
@@ -100,10 +100,10 @@ def test_tuning_resizes_a_method_for_the_tiny_model_and_command_line_wins():
 
 
 def test_fits_covers_the_hint_shapes_knobs_use():
-    from typing import Literal, Optional
+    from typing import Literal
 
     assert fits(3, float) and not fits("3", float) and not fits(True, int)
-    assert fits(None, Optional[int]) and fits(2, int | None) and not fits(2.5, int | None)
+    assert fits(None, int | None) and fits(2, int | None) and not fits(2.5, int | None)
     assert fits(["a", "b"], list[str]) and not fits([1], list[str])
     assert fits("nf4", Literal["nf4", "fp4"]) and not fits("int3", Literal["nf4", "fp4"])
 

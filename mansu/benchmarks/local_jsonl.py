@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mansu.data import Benchmark, BenchmarkFileError, MCQ, Split, read_mcq_jsonl
+from mansu.data import MCQ, Benchmark, BenchmarkFileError, Split, read_mcq_jsonl
 
 
 def read_corpus_jsonl(path: str | Path) -> list[str]:

@@ -1,0 +1,138 @@
+"""Turn a sweep's result records into one table: Markdown on stdout, CSV and LaTeX beside it.
+
+Usage: python scripts/make_tables.py outputs/sweeps/<date>   [--out DIR] [--by method,storage]
+
+One row per (model, benchmark, method, storage, quantizer) group; numbers are means over the
+group's seeds. The PTQ-gap interval is a paired bootstrap over questions with each question's gap
+averaged over seeds (from each run's predictions.json), so seeds tighten it as they should.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+GROUP = ["model", "benchmark", "method", "storage", "quantizer"]
+MARK = {True: "✓", False: "✗", None: "–"}
+
+
+def load_records(sweep_dir: Path) -> tuple[list[dict], list[str]]:
+    records, failed = [], []
+    for path in sorted(sweep_dir.rglob("result.json")):
+        record = json.loads(path.read_text())
+        if record.get("status") != "ok":
+            failed.append(f"{path.parent.name}: {record.get('status')}: {record.get('error', '')}")
+            continue
+        record["_dir"] = path.parent
+        records.append(record)
+    return records, failed
+
+
+def row_of(record: dict) -> dict:
+    m, acc = record["metrics"], record["metrics"]["accuracy"]
+    diag = m.get("diagnostics", {})
+    row = {**{g: record.get("choices", {}).get(g) for g in ("model", "benchmark", "method")},
+           "storage": record["storage"], "quantizer": record["quantizer"], "seed": record["seed"]}
+    for key, label in (("theta0", "θ0"), ("thetau", "θu"), ("q_theta0", "Q(θ0)"),
+                       ("q_thetau", "Q(θu)")):
+        if key in acc:
+            row[f"forget {label}"] = acc[key]["forget"]["accuracy"]
+            row[f"retain {label}"] = acc[key]["retain"]["accuracy"]
+    row["noise gap"] = m.get("noise_control", {}).get("value")
+    row["bin/update median"] = diag.get("bin_update_ratio_median")
+    row["flips (moved)"] = diag.get("code_flip_share_moved")
+    row["carried share"] = diag.get("carried_share")
+    row["moved share"] = diag.get("moved_share")
+    for name, verdict in record.get("verdicts", {}).items():
+        row[f"v:{name}"] = verdict["holds"]
+    return row
+
+
+def pooled_gap(records: list[dict], iters: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """PTQ gap averaged over seeds per question, with a 95% bootstrap interval over questions."""
+    per_seed = []
+    for record in records:
+        predictions = json.loads((record["_dir"] / "predictions.json").read_text())
+        if "q_thetau" not in predictions:
+            return (np.nan, np.nan, np.nan)
+        per_seed.append(np.asarray(predictions["q_thetau"]["forget"], float)
+                        - np.asarray(predictions["thetau"]["forget"], float))
+    gaps = np.mean(per_seed, axis=0)
+    rng = np.random.default_rng(seed)
+    means = gaps[rng.integers(0, gaps.size, size=(iters, gaps.size))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(gaps.mean()), float(low), float(high)
+
+
+def build_table(records: list[dict]) -> pd.DataFrame:
+    rows = pd.DataFrame([row_of(r) for r in records])
+    out = []
+    for keys, group in rows.groupby(GROUP, dropna=False, sort=False):
+        members = [records[i] for i in group.index]
+        numeric = group.drop(columns=GROUP + ["seed"]).apply(pd.to_numeric, errors="coerce")
+        row = dict(zip(GROUP, keys)) | {"seeds": len(group)} | numeric.mean().to_dict()
+        row["PTQ gap"], row["gap low"], row["gap high"] = pooled_gap(members)
+        for col in [c for c in group.columns if c.startswith("v:")]:
+            held = group[col].tolist()
+            row[col] = None if any(h is None for h in held) else all(held)
+        out.append(row)
+    table = pd.DataFrame(out)
+    varying = [c for c in GROUP if table[c].nunique(dropna=False) > 1] or ["method"]
+    return table.drop(columns=[c for c in GROUP if c not in varying])
+
+
+def markdown(table: pd.DataFrame) -> str:
+    def cell(col, value):
+        if col.startswith("v:"):
+            return MARK[None if pd.isna(value) else bool(value)]
+        if isinstance(value, float):
+            if np.isnan(value):
+                return "–"
+            return f"{value:.0f}×" if col == "bin/update median" else f"{value:.3f}"
+        return str(value)
+
+    shown = table.copy()
+    if "PTQ gap" in shown:
+        shown["PTQ gap"] = [f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}]" if not np.isnan(g) else "–"
+                            for g, lo, hi in zip(shown["PTQ gap"], shown["gap low"],
+                                                 shown["gap high"])]
+        shown = shown.drop(columns=["gap low", "gap high"])
+    shown = shown.dropna(axis=1, how="all")
+    cols = list(shown.columns)
+    lines = ["| " + " | ".join(c.removeprefix("v:") for c in cols) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
+    for _, r in shown.iterrows():
+        lines.append("| " + " | ".join(cell(c, r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="default: the sweep dir")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"not a folder: {args.sweep_dir}")
+    records, failed = load_records(args.sweep_dir)
+    for line in failed:
+        print(f"skipped (not ok) {line}", file=sys.stderr)
+    if not records:
+        print(f"no finished records under {args.sweep_dir}", file=sys.stderr)
+        return 1
+    table = build_table(records)
+    out = args.out or args.sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "table.csv", index=False)
+    (out / "table.tex").write_text(table.to_latex(index=False, float_format="%.3f", na_rep="--"))
+    print(markdown(table))
+    print(f"\nwrote {out / 'table.csv'} and {out / 'table.tex'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
