@@ -185,7 +185,9 @@ def test_first_order_decomposition_by_hand():
     # predicted = g·(qu - θu) = 1·0.25 + (-2)·(-0.125) = 0.5
     # base      = g·(q0 - θ0) = 1·0 + (-2)·0.125 = -0.25
     # rounding  = g·(qu - q0 - Δ) = 1·(0.5 - 0.25) + (-2)·(-0.375 + 0.125) = 0.75
-    t = lambda *values: {"w": torch.tensor(values)}
+    def t(*values):
+        return {"w": torch.tensor(values)}
+
     parts = first_order_decomposition(
         grad=t(1.0, -2.0),
         theta0=t(0.5, 0.25),
