@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,7 +17,8 @@ class RunContext:
     measurements ... found"): ``fp32``; ``bf16`` stepped directly, as reference code that loads a
     model in bf16 does; ``bf16_master``, bf16 weights with an fp32 master copy in the optimizer.
     scoring: the benchmark's MCQ scoring (`cloze` | `letter`), for methods that evaluate
-    as they train. run_dir: this job's own folder. cache_dir: stage artifacts shared between runs and jobs."""
+    as they train. run_dir: this job's own folder. cache_dir: stage artifacts shared between runs and jobs.
+    circuit: the forget circuit the attribution stage selected on θ0 (None when it is off)."""
 
     seed: int = 0
     storage: str = "fp32"
@@ -24,6 +26,7 @@ class RunContext:
     device: str = "cpu"
     run_dir: Path = Path(".")
     cache_dir: Path = Path("outputs/cache")
+    circuit: Any = None  # mansu.attribution.Circuit selected on θ0, when the attribution stage ran
 
     def __post_init__(self):
         if self.storage not in STORAGE_DTYPES:
