@@ -1,0 +1,296 @@
+"""What every unlearning method shares: the result type, text batches, log-likelihoods, an AdamW
+that honours the run's parameter storage, a frozen reference copy, and the step loop with its
+divergence check and optional forget-accuracy stop.
+
+Parameter storage (``ctx.storage``, METHOD.md "What measurements ... found"):
+- ``fp32``: fp32 weights stepped by a plain AdamW (the control).
+- ``bf16``: the bf16 weights are stepped directly, with no fp32 master copy, as reference code that
+  loads a model in bf16 does. An Adam step below half a bf16 ulp of a weight rounds away, which is
+  what decides whether NF4 later reverses the unlearning; do not "fix" it here.
+- ``bf16_master``: the optimizer steps an fp32 master copy; after each step the bf16 weights are
+  set to the master rounded to bf16, so small steps accumulate until they cross an ulp.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mansu.context import RunContext
+from mansu.data import Split
+from mansu.evaluation import evaluate_mcq
+from mansu.losses import kl_retain
+
+Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels (-100 where not scored)
+UpdateMasks = Sequence[torch.Tensor | None]  # per parameter: True where the update is kept
+
+
+@dataclass
+class UnlearnResult:
+    """The unlearned model plus what the method wants recorded (``info`` is JSON-ready)."""
+
+    model: nn.Module
+    steps: int
+    losses: list[float]
+    info: dict = field(default_factory=dict)
+
+
+class UnlearningDiverged(RuntimeError):
+    """A loss or a trained parameter became NaN/inf; the message names the step and the value."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Reject an impossible setting before any training, with one clear message."""
+    if not condition:
+        raise ValueError(message)
+
+
+def check_common_knobs(method: str, forget: Split, *, lr: float, max_steps: int, batch_size: int,
+                       stop_forget_acc: float | None, eval_every: int) -> None:
+    """The checks every training method needs, run before any parameter changes."""
+    require(len(forget.corpus) > 0, f"{method}: the forget corpus is empty; nothing to unlearn")
+    require(lr > 0, f"{method}: lr must be > 0, got {lr}")
+    require(max_steps >= 1, f"{method}: max_steps must be >= 1, got {max_steps}")
+    require(batch_size >= 1, f"{method}: batch_size must be >= 1, got {batch_size}")
+    if stop_forget_acc is not None:
+        require(0.0 <= stop_forget_acc <= 1.0,
+                f"{method}: stop_forget_acc must be in [0, 1], got {stop_forget_acc}")
+        require(eval_every >= 1, f"{method}: eval_every must be >= 1, got {eval_every}")
+        require(len(forget.questions) > 0,
+                f"{method}: stop_forget_acc needs forget questions to evaluate, and there are none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Text batches and log-likelihoods
+
+
+def text_batches(tokenizer, texts: Sequence[str], *, batch_size: int, seed: int, device,
+                 max_length: int = 512) -> Iterator[Batch]:
+    """Endless batches of `texts`: each pass over the corpus is a fresh seeded permutation, cut
+    into batches of `batch_size` (the last one of a pass may be smaller). Texts are tokenized
+    once, truncated to `max_length` tokens, right-padded to the longest text of the batch.
+    A text of fewer than two tokens has no next token to score and is left out."""
+    encoded = [ids[:max_length] for ids in tokenizer(list(texts))["input_ids"] if len(ids) > 1]
+    if not encoded:
+        raise ValueError("no text of at least two tokens to make batches from")
+    pad_id = _pad_id(tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            chunk = [encoded[i] for i in order[start:start + batch_size]]
+            yield {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+
+
+def collate(sequences: Sequence[Sequence[int]], pad_id: int) -> Batch:
+    """Right-pad token lists into a batch; padding is masked out of attention and labels."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, :len(ids)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _pad_id(tokenizer) -> int:
+    # Llama-style tokenizers have no pad token; the id is irrelevant since padding is masked.
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+
+
+def _token_nll(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position NLL of each next token [B, T-1] (0 where unscored) and the scored mask.
+    Logits are upcast to fp32 as Hugging Face's own causal-LM loss does."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                      ignore_index=-100, reduction="none")
+    return nll, targets != -100
+
+
+def sequence_logprobs(model, batch: Batch) -> torch.Tensor:
+    """[B] log π(y) of each sequence: its token log-probs summed (NPO's sequence likelihood)."""
+    nll, _ = _token_nll(model, batch)
+    return -nll.sum(dim=1)
+
+
+def scored_token_counts(batch: Batch) -> torch.Tensor:
+    """[B] how many tokens of each sequence are scored (|y|, SimNPO's length normalisation)."""
+    return (batch["labels"][:, 1:] != -100).sum(dim=1)
+
+
+def mean_nll(model, batch: Batch) -> torch.Tensor:
+    """Mean NLL over all scored tokens of the batch (= Hugging Face's ``outputs.loss``)."""
+    nll, scored = _token_nll(model, batch)
+    return nll.sum() / scored.sum()
+
+
+def forward_logits(model, batch: Batch) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def retain_term(kind: str, model, batch: Batch, reference: nn.Module | None = None
+                ) -> torch.Tensor:
+    """The retain regulariser the references offer: ``nll`` = NLL(retain) (TOFU's grad_diff),
+    ``kl`` = KL(π_ref ‖ π_θ) over the retain tokens (TOFU's KL; needs the frozen reference)."""
+    if kind == "nll":
+        return mean_nll(model, batch)
+    if kind == "kl":
+        with torch.no_grad():
+            ref_logits = forward_logits(reference, batch)
+        return kl_retain(ref_logits, forward_logits(model, batch), batch["attention_mask"])
+    raise ValueError(f"unknown retain loss {kind!r}; expected 'nll' or 'kl'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, optimizer, reference model
+
+
+def trainable_parameters(model: nn.Module, *, train_embeddings: bool = True
+                         ) -> list[tuple[str, nn.Parameter]]:
+    """Every parameter that requires grad (tied weights once). With train_embeddings=False the
+    input embedding and output projection (lm_head) matrices are left out."""
+    excluded: set[int] = set()
+    if not train_embeddings:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                excluded.add(id(module.weight))
+    return [(name, p) for name, p in model.named_parameters()
+            if p.requires_grad and id(p) not in excluded]
+
+
+class StorageAdamW:
+    """AdamW over `params`, stepping them the way `storage` says (see the module docstring).
+
+    ``step(update_masks)`` keeps the update only where a mask is True: the gradient is zeroed
+    elsewhere *and* the stepped tensor is restored there after the step, so neither weight decay
+    nor Adam's momentum moves an unselected weight.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], storage: str, *, lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("no parameters to optimize")
+        expected = torch.float32 if storage == "fp32" else torch.bfloat16
+        wrong = {p.dtype for p in self.params} - {expected}
+        if wrong:
+            raise ValueError(f"storage {storage!r} needs {expected} parameters, found {wrong}; "
+                             "cast the model to ctx.param_dtype first")
+        self.storage = storage
+        # The tensors AdamW actually updates: the parameters, or their fp32 masters.
+        self.stepped = ([p.detach().float().clone() for p in self.params]
+                        if storage == "bf16_master" else self.params)
+        self.optimizer = torch.optim.AdamW(self.stepped, lr=lr, betas=betas, eps=eps,
+                                           weight_decay=weight_decay)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add d loss/d p to p.grad for the optimized parameters only: the rest of the model
+        gets no gradient computed and no stray .grad left behind."""
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        for p, g in zip(self.params, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+
+    @torch.no_grad()
+    def step(self, update_masks: UpdateMasks | None = None) -> None:
+        if self.storage == "bf16_master":
+            for master, p in zip(self.stepped, self.params):
+                master.grad = None if p.grad is None else p.grad.float()
+        masks = list(update_masks) if update_masks is not None else [None] * len(self.params)
+        if len(masks) != len(self.params):
+            raise ValueError(f"{len(masks)} update masks for {len(self.params)} parameters")
+        before = {}
+        for i, (tensor, mask) in enumerate(zip(self.stepped, masks)):
+            if mask is not None:
+                before[i] = tensor.detach().clone()
+                if tensor.grad is not None:  # out of place: autograd may hand back a view
+                    tensor.grad = tensor.grad * mask
+        self.optimizer.step()
+        for i, old in before.items():
+            self.stepped[i].copy_(torch.where(masks[i], self.stepped[i], old))
+        if self.storage == "bf16_master":
+            for master, p in zip(self.stepped, self.params):
+                p.copy_(master)  # round to nearest bf16
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A reference copy of θ0 for NPO/KL/RMU: eval mode, no grads; call it under no_grad."""
+    reference = copy.deepcopy(model)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+# ---------------------------------------------------------------------------------------------
+# The step loop
+
+
+def run_unlearning(model: nn.Module, tokenizer, forget: Split, ctx: RunContext,
+                   optimizer: StorageAdamW, closure: Callable[[], torch.Tensor], *,
+                   max_steps: int, stop_forget_acc: float | None = None, eval_every: int = 10,
+                   update_masks: Callable[[], UpdateMasks] | None = None,
+                   info: dict | None = None) -> UnlearnResult:
+    """Run up to `max_steps` optimizer steps. Each step calls `closure`, which computes the loss,
+    backpropagates it (``optimizer.backward``) and returns it; `update_masks`, called after the
+    closure, restricts the update. A non-finite loss raises UnlearningDiverged before the step,
+    a non-finite trained parameter right after it.
+    With `stop_forget_acc`, forget accuracy (ctx.scoring) is measured every `eval_every` steps
+    and training stops once it is <= stop_forget_acc."""
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    forget_acc_trace: list[list[float]] = []
+    stopped_early = False
+    try:
+        for step in range(1, max_steps + 1):
+            optimizer.zero_grad()
+            loss = float(closure())
+            if not math.isfinite(loss):
+                raise UnlearningDiverged(f"loss became {loss} at step {step}")
+            optimizer.step(update_masks() if update_masks is not None else None)
+            _check_finite_parameters(model, optimizer.params, step)
+            losses.append(loss)
+            if stop_forget_acc is not None and step % eval_every == 0:
+                accuracy = _forget_accuracy(model, tokenizer, forget, ctx)
+                forget_acc_trace.append([step, accuracy])
+                if accuracy <= stop_forget_acc:
+                    stopped_early = step < max_steps
+                    break
+    finally:
+        optimizer.zero_grad()
+        model.train(was_training)
+    record = {"storage": ctx.storage, "stopped_early": stopped_early,
+              "trained_tensors": len(optimizer.params),
+              "trained_parameters": sum(p.numel() for p in optimizer.params)}
+    if stop_forget_acc is not None:
+        record["forget_acc_trace"] = forget_acc_trace
+    return UnlearnResult(model=model, steps=len(losses), losses=losses,
+                         info={**record, **(info or {})})
+
+
+def _check_finite_parameters(model: nn.Module, params: Sequence[nn.Parameter], step: int) -> None:
+    finite = torch.stack([torch.isfinite(p).all() for p in params])
+    if not bool(finite.all()):
+        bad = params[int((~finite).nonzero()[0])]
+        name = next((n for n, p in model.named_parameters() if p is bad), "?")
+        raise UnlearningDiverged(f"parameter {name} became NaN/inf at step {step}")
+
+
+def _forget_accuracy(model, tokenizer, forget: Split, ctx: RunContext) -> float:
+    model.eval()
+    result = evaluate_mcq(model, tokenizer, forget.questions, scoring=ctx.scoring,
+                          bootstrap_iters=1, seed=ctx.seed)  # the interval is unused
+    model.train()
+    return result.accuracy
