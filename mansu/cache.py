@@ -45,6 +45,19 @@ class StageCache:
         atomic_write_json(path, value)
         return value
 
+    def objects(self, stage: str, key: str, compute: Callable[[], object]) -> object:
+        """Python objects holding tensors (attributions, circuits), via torch.save."""
+        path = self.path(stage, key, ".pt")
+        if self.enabled and path.is_file():
+            log.info("%s: reusing %s", stage, path)
+            return torch.load(path, weights_only=False)
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(value, tmp)
+        tmp.replace(path)
+        return value
+
     def tensors(self, stage: str, key: str, compute: Callable[[], dict[str, torch.Tensor]],
                 ) -> dict[str, torch.Tensor]:
         path = self.path(stage, key, ".safetensors")

@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-GROUPS = ("model", "benchmark", "method", "quantizer", "eval", "logger")
+GROUPS = ("model", "benchmark", "method", "quantizer", "attribution", "eval", "logger")
 RESERVED = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
 

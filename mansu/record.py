@@ -77,7 +77,7 @@ def verdicts(metrics: dict, *, min_forgetting: float, max_retain_drop: float,
     forgetting = acc["theta0"]["forget"]["accuracy"] - acc["thetau"]["forget"]["accuracy"]
     retain_drop = acc["theta0"]["retain"]["accuracy"] - acc["thetau"]["retain"]["accuracy"]
     gap = metrics.get("ptq_gap", {}).get("value")
-    cad = metrics.get("cad", {}).get("cad_over_floor")
+    cad = metrics.get("cad", {}).get("cad_minus_floor")
     return {
         "forgetting": verdict(forgetting, min_forgetting, ">="),
         "retain_preservation": verdict(retain_drop, max_retain_drop, "<="),

@@ -52,7 +52,29 @@ class EvalSettings:
     min_cad_over_floor: float = 0.5
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@dataclass
+class AttributionSettings:
+    """conf/attribution/: EAP-IG on θ0 selects the forget circuit; CAD compares θu and Q(θu) to it."""
+
+    enabled: bool = True
+    counterfactual: str = "stem_swap"
+    ig_steps: int = 5
+    batch_size: int = 16
+    neuron_block: int = 1
+    threshold: float = 0.8
+    lam: float = 1.0
+    max_items: int | None = 256
+
+    def attribute_kwargs(self, scoring: str) -> dict:
+        return {"scoring": scoring, "counterfactual": self.counterfactual,
+                "ig_steps": self.ig_steps, "batch_size": self.batch_size,
+                "neuron_block": self.neuron_block}
+
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig):
     return run_guarded(cfg, Path(HydraConfig.get().runtime.output_dir),
                        multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
@@ -107,6 +129,15 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
                 "eval", key_of(model_key, cfg.quantizer, "q_theta0"),
                 lambda: evaluate(quantize(model, cfg), tokenizer, benchmark, scoring, settings))
 
+    attribution: AttributionSettings = instantiate(cfg.attribution)
+    if attribution.enabled:
+        with stage("attribution_theta0"):
+            theta0_attr = cache.objects("attribution", key_of(model_key, cfg.attribution), lambda:
+                                        attribute_theta0(model, tokenizer, benchmark, attribution,
+                                                         scoring, ctx.seed))
+        ctx = RunContext(**{**asdict(ctx), "circuit": theta0_attr["circuit"]})
+        record["metrics"]["circuit"] = theta0_attr["circuit"].to_json()
+
     theta0 = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
     unlearn_key = key_of(model_key, cfg.method, ctx.seed)
     with stage("unlearn"):
@@ -131,6 +162,12 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
             with stage("noise_control"):
                 record["metrics"]["noise_control"] = noise_control(
                     model, qmodel, tokenizer, benchmark, scoring, settings, ctx, accuracy)
+    if attribution.enabled:
+        with stage("cad"):
+            record["metrics"]["cad"] = circuit_divergence(
+                model, qmodel if quantized else None, tokenizer, theta0_attr, attribution,
+                scoring, run_dir)
+    if quantized:
         del qmodel
     # Per-question outcomes go beside the record (for paired comparisons across runs), not in it.
     atomic_write_json(run_dir / "predictions.json", {
@@ -245,6 +282,54 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def attribution_items(questions: list, max_items: int | None, seed: int) -> list:
+    if max_items is None or len(questions) <= max_items:
+        return list(questions)
+    import random
+
+    return random.Random(seed).sample(list(questions), max_items)
+
+
+def attribute_theta0(model, tokenizer, benchmark: Benchmark, settings: AttributionSettings,
+                     scoring: str, seed: int) -> dict:
+    """EAP-IG on θ0 for the forget and retain items, the circuit, and CAD's noise floor."""
+    from mansu.attribution import attribute, mask_share, parameter_mask, select_circuit
+    from mansu.cad import noise_floor
+
+    forget = attribution_items(benchmark.forget.questions, settings.max_items, seed)
+    retain = attribution_items(benchmark.retain.questions, settings.max_items, seed)
+    kwargs = settings.attribute_kwargs(scoring)
+    mean_items = retain if settings.counterfactual == "mean" else None
+    forget_attr = attribute(model, tokenizer, forget, mean_items=mean_items, **kwargs)
+    retain_attr = attribute(model, tokenizer, retain, mean_items=mean_items, **kwargs)
+    circuit = select_circuit(model, tokenizer, forget, forget_attr, retain_attr,
+                             threshold=settings.threshold, lam=settings.lam,
+                             batch_size=settings.batch_size)
+    circuit_share = mask_share(parameter_mask(model, circuit), model)
+    floor = noise_floor(model, tokenizer, forget, circuit, seed=seed, mean_items=mean_items,
+                        **kwargs)
+    return {"forget_items": forget, "mean_items": mean_items, "forget": forget_attr,
+            "circuit": circuit,
+            "parameter_share": circuit_share, "noise_floor": floor}
+
+
+def circuit_divergence(model, qmodel, tokenizer, theta0_attr: dict, settings, scoring: str,
+                       run_dir: Path) -> dict:
+    """CAD of θu (and Q(θu)) on the same items, counterfactuals and metric as θ0's attribution."""
+    from mansu.attribution import attribute, plot_attribution
+    from mansu.cad import cad_report
+
+    items, kwargs = theta0_attr["forget_items"], settings.attribute_kwargs(scoring)
+    # With the mean counterfactual each model's own retain means are its x̃.
+    kwargs["mean_items"] = theta0_attr["mean_items"]
+    after = attribute(model, tokenizer, items, **kwargs)
+    after_q = attribute(qmodel, tokenizer, items, **kwargs) if qmodel is not None else None
+    plot_attribution(theta0_attr["forget"], after, run_dir / "attribution.png")
+    report = cad_report(theta0_attr["forget"], after, theta0_attr["circuit"], a_q=after_q,
+                        floor=theta0_attr["noise_floor"])
+    return {**report, "circuit_parameter_share": theta0_attr["parameter_share"]}
+
+
 def diagnose(theta0: dict, model, qmodel, cfg: DictConfig) -> dict:
     from mansu.diagnostics import update_diagnostics
     from mansu.quantization import dequantized_state
@@ -260,7 +345,7 @@ def noise_control(model, qmodel, tokenizer, benchmark, scoring, settings, ctx, a
     """Forget accuracy of θu plus Gaussian noise of the quantizer's own per-tensor error RMS: a PTQ
     gap is a reversal only beyond what this untargeted perturbation does."""
     from mansu.diagnostics import noise_like_quantization
-    from mansu.evaluation import evaluate_mcq
+    from mansu.evaluation import choice_logprobs
     from mansu.quantization import dequantized_state
 
     qstate = dequantized_state(qmodel)
@@ -269,7 +354,13 @@ def noise_control(model, qmodel, tokenizer, benchmark, scoring, settings, ctx, a
     noisy.load_state_dict({n: t.to(ctx.device) for n, t in
                            noise_like_quantization(state, qstate, seed=ctx.seed).items()},
                           strict=False)
-    result = evaluate_mcq(noisy, tokenizer, benchmark.forget.questions, scoring=scoring,
-                          batch_size=settings.batch_size, bootstrap_iters=0)
-    return paired_bootstrap(accuracy["thetau"]["forget"]["correct"], list(result.correct),
+    questions = benchmark.forget.questions
+    predictions = choice_logprobs(noisy, tokenizer, questions, scoring=scoring,
+                                  batch_size=settings.batch_size).argmax(1).tolist()
+    correct = [p == q.answer for p, q in zip(predictions, questions)]
+    return paired_bootstrap(accuracy["thetau"]["forget"]["correct"], correct,
                             iters=settings.bootstrap_iters, seed=ctx.seed)
+
+
+if __name__ == "__main__":
+    main()

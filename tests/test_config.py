@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 
 from mansu.config import ConfigError, fits, validate, validate_node
 
-GROUPS = ["model", "benchmark", "method", "quantizer", "eval", "logger"]
+GROUPS = ["model", "benchmark", "method", "quantizer", "attribution", "eval", "logger"]
 # Options that need files or hardware this machine lacks are composed and validated, but built
 # only by the tests that provide what they need (named here so nothing is skipped silently).
 BUILT_ELSEWHERE = {"model": "test_models.py", "benchmark": "test_benchmarks.py"}

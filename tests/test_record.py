@@ -31,7 +31,7 @@ def metrics(f0, fu, r0, ru, gap=None, cad=None):
     if gap is not None:
         out["ptq_gap"] = {"value": gap}
     if cad is not None:
-        out["cad"] = {"cad_over_floor": cad}
+        out["cad"] = {"cad_minus_floor": cad}
     return out
 
 
