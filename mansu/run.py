@@ -187,6 +187,10 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
 
 
 def make_context(cfg: DictConfig, run_dir: Path) -> RunContext:
+    if cfg.cpu_threads is not None:
+        if not isinstance(cfg.cpu_threads, int) or cfg.cpu_threads < 1:
+            raise ConfigError(f"cpu_threads: expected a positive integer or null, got {cfg.cpu_threads!r}")
+        torch.set_num_threads(cfg.cpu_threads)
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

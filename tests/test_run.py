@@ -118,7 +118,7 @@ def test_cli_bad_input_fails_with_a_clear_message(tmp_path, args, message):
 
 
 def test_multirun_one_failing_job_does_not_stop_the_others(tmp_path, session_cache, tiny):
-    out = mansu_cli(["-m", *TINY, f"cache_dir={session_cache}", "method=ga",
+    out = mansu_cli(["-m", *TINY, f"cache_dir={session_cache}", "method=ga", "attribution=none",
                      "method.batch_size=8", "method.max_steps=2,abc", "seed=0,1"], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     records = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("result.json")]
@@ -128,7 +128,7 @@ def test_multirun_one_failing_job_does_not_stop_the_others(tmp_path, session_cac
 
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, session_cache, tiny):
     out = mansu_cli(["-m", "hydra/launcher=local", *TINY, f"cache_dir={session_cache}",
-                     "method=none,ga"], tmp_path)
+                     "attribution=none", "eval.noise_control=false", "method=none,ga"], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     records = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("result.json")]
     assert sorted(r["choices"]["method"] for r in records) == ["ga", "none"]
