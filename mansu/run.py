@@ -8,7 +8,6 @@ stage results are cached by config (mansu.cache), so a sweep evaluates θ0 once 
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 import traceback
@@ -45,6 +44,8 @@ class EvalSettings:
     scoring: str | None = None          # None = the benchmark's own scoring
     diagnostics: bool = True            # update-versus-bin diagnostics (METHOD.md §2)
     noise_control: bool = True          # θu + noise of the quantizer's own error RMS
+    first_order: bool = True            # first-order split of the forget-loss change under Q
+    other_formats: list[str] | None = None  # PTQ gaps under further formats, e.g. [fp4, int8]
     cache: bool = True                  # reuse stage results keyed by config
     min_forgetting: float = 0.10
     max_retain_drop: float = 0.03
@@ -155,13 +156,8 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
         record["metrics"]["ptq_gap"] = paired_bootstrap(
             accuracy["thetau"]["forget"]["correct"], accuracy["q_thetau"]["forget"]["correct"],
             iters=settings.bootstrap_iters, seed=ctx.seed)
-        if settings.diagnostics:
-            with stage("diagnostics"):
-                record["metrics"]["diagnostics"] = diagnose(theta0, model, qmodel, cfg)
-        if settings.noise_control:
-            with stage("noise_control"):
-                record["metrics"]["noise_control"] = noise_control(
-                    model, qmodel, tokenizer, benchmark, scoring, settings, ctx, accuracy)
+        reversal_stages(record["metrics"], stage, model, qmodel, theta0, tokenizer, benchmark,
+                        scoring, settings, ctx, cfg)
     if attribution.enabled:
         with stage("cad"):
             record["metrics"]["cad"] = circuit_divergence(
@@ -334,37 +330,39 @@ def circuit_divergence(model, qmodel, tokenizer, theta0_attr: dict, settings, sc
     return {**report, "circuit_parameter_share": theta0_attr["parameter_share"]}
 
 
-def diagnose(theta0: dict, model, qmodel, cfg: DictConfig) -> dict:
+def reversal_stages(metrics: dict, stage, model, qmodel, theta0: dict, tokenizer,
+                    benchmark: Benchmark, scoring: str, settings: EvalSettings, ctx: RunContext,
+                    cfg: DictConfig) -> None:
+    """Whether quantization undid the unlearning and by what mechanism (mansu.reversal)."""
+    from mansu import reversal
     from mansu.diagnostics import update_diagnostics
     from mansu.quantization import dequantized_state
 
-    quantized_names = list(dequantized_state(qmodel))
+    quantized = dequantized_state(qmodel)
     thetau = model.state_dict()
-    return update_diagnostics({n: theta0[n] for n in quantized_names},
-                              {n: thetau[n].detach().cpu() for n in quantized_names},
-                              blocksize=cfg.quantizer.blocksize)
-
-
-def noise_control(model, qmodel, tokenizer, benchmark, scoring, settings, ctx, accuracy) -> dict:
-    """Forget accuracy of θu plus Gaussian noise of the quantizer's own per-tensor error RMS: a PTQ
-    gap is a reversal only beyond what this untargeted perturbation does."""
-    from mansu.diagnostics import noise_like_quantization
-    from mansu.evaluation import choice_logprobs
-    from mansu.quantization import dequantized_state
-
-    qstate = dequantized_state(qmodel)
-    state = {n: t.detach().cpu() for n, t in model.state_dict().items() if n in qstate}
-    noisy = copy.deepcopy(model)
-    noisy.load_state_dict({n: t.to(ctx.device) for n, t in
-                           noise_like_quantization(state, qstate, seed=ctx.seed).items()},
-                          strict=False)
-    questions = benchmark.forget.questions
-    predictions = choice_logprobs(noisy, tokenizer, questions, scoring=scoring,
-                                  batch_size=settings.batch_size).argmax(1).tolist()
-    correct = [p == q.answer for p, q in zip(predictions, questions)]
-    return paired_bootstrap(accuracy["thetau"]["forget"]["correct"], correct,
-                            iters=settings.bootstrap_iters, seed=ctx.seed)
-
-
-if __name__ == "__main__":
-    main()
+    thetau_correct = metrics["accuracy"]["thetau"]["forget"]["correct"]
+    common = {"scoring": scoring, "batch_size": settings.batch_size, "seed": ctx.seed}
+    if settings.diagnostics:
+        with stage("diagnostics"):
+            metrics["diagnostics"] = update_diagnostics(
+                {n: theta0[n] for n in quantized},
+                {n: thetau[n].detach().cpu() for n in quantized},
+                blocksize=cfg.quantizer.blocksize)
+    if settings.noise_control:
+        with stage("noise_control"):
+            metrics["noise_control"] = reversal.noise_control(
+                model, quantized, thetau_correct, tokenizer, benchmark.forget.questions,
+                iters=settings.bootstrap_iters, **common)
+    if settings.first_order and benchmark.forget.corpus:
+        with stage("first_order"):
+            metrics["first_order"] = reversal.first_order(
+                model, theta0, quantized, tokenizer, benchmark.forget.corpus,
+                quant_type=cfg.quantizer.quant_type, blocksize=cfg.quantizer.blocksize,
+                seed=ctx.seed)
+    if settings.other_formats:
+        with stage("other_formats"):
+            metrics["other_formats"] = reversal.format_gaps(
+                model, thetau_correct, tokenizer, benchmark.forget.questions,
+                formats=list(settings.other_formats), blocksize=cfg.quantizer.blocksize,
+                skip_modules=list(cfg.quantizer.skip_modules), iters=settings.bootstrap_iters,
+                **common)
