@@ -366,3 +366,7 @@ def reversal_stages(metrics: dict, stage, model, qmodel, theta0: dict, tokenizer
                 formats=list(settings.other_formats), blocksize=cfg.quantizer.blocksize,
                 skip_modules=list(cfg.quantizer.skip_modules), iters=settings.bootstrap_iters,
                 **common)
+
+
+if __name__ == "__main__":
+    main()

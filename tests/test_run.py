@@ -69,7 +69,7 @@ def test_failed_job_keeps_what_it_measured_and_rerun_finishes(tmp_path, session_
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash in the diagnostics stage")
 
-    monkeypatch.setattr(launcher, "diagnose", crash)
+    monkeypatch.setattr(launcher, "reversal_stages", crash)
     cfg = compose_config([*FAST, "seed=21"], cache_dir=session_cache)
     record = launcher.run_guarded(cfg, tmp_path / "crashed", multirun=True)
     saved = json.loads((tmp_path / "crashed" / "result.json").read_text())
