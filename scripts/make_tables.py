@@ -93,7 +93,7 @@ def markdown(table: pd.DataFrame) -> str:
         if isinstance(value, float):
             if np.isnan(value):
                 return "–"
-            return f"{value:.0f}×" if col == "bin/update median" else f"{value:.3f}"
+            return f"{value:.3g}×" if col == "bin/update median" else f"{value:.3f}"
         return str(value)
 
     shown = table.copy()

@@ -31,14 +31,15 @@ TINY = [
 ]
 
 
-def compose_config(overrides: list[str] | tuple = (), *, cache_dir: Path | None = None):
-    """The real conf/config.yaml with the tiny overrides, then the test's own."""
+def compose_config(overrides: list[str] | tuple = (), *, cache_dir: Path | None = None,
+                   tiny: bool = True):
+    """The real conf/config.yaml with the tiny overrides (unless tiny=False), then the test's own."""
     extra = [f"cache_dir={cache_dir}"] if cache_dir else []
     # A test that picks another option of a group drops the tiny sizes meant for the default one.
     swapped = {o.split("=")[0] for o in overrides if "=" in o and "." not in o.split("=")[0]}
-    tiny = [o for o in TINY if o.split(".")[0] not in swapped]
+    sizes = [o for o in TINY if tiny and o.split(".")[0] not in swapped]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=[*tiny, *extra, *overrides])
+        return compose("config", overrides=[*sizes, *extra, *overrides])
 
 
 @pytest.fixture(scope="session")

@@ -117,3 +117,8 @@ def test_missing_required_knob_is_named(tmp_path):
                              "retain_path": "x"})
     with pytest.raises(ConfigError, match="forget_path: required"):
         validate_node(node, "benchmark")
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_every_experiment_composes_and_validates(option):
+    validate(compose_config([f"experiment={option}"], tiny=False))
