@@ -133,3 +133,11 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, session_cache, t
     records = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("result.json")]
     assert sorted(r["choices"]["method"] for r in records) == ["ga", "none"]
     assert all(r["status"] == "ok" for r in records)
+
+
+def test_wandb_offline_writes_its_run_files(tmp_path, session_cache, tiny, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    record = run_tiny(tmp_path, session_cache, ["logger=wandb", "attribution=none", "seed=5"])
+    assert record["status"] == "ok"
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
