@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, compose_config
+
 from mansu import run as launcher
 
 FAST = ["method=ga", "method.max_steps=8", "method.batch_size=8"]
