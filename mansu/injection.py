@@ -30,11 +30,12 @@ def inject_knowledge(model, tokenizer, benchmark: Benchmark, *, steps: int, lr: 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     start, accuracy, step = time.perf_counter(), {}, 0
+    device = next(model.parameters()).device
     model.train()
     bar = tqdm(range(steps), desc="inject facts", mininterval=2.0)
     for step in bar:
         batch = tokenizer(rng.sample(texts, min(batch_size, len(texts))), return_tensors="pt",
-                          padding=True)
+                          padding=True).to(device)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
         loss.backward()

@@ -97,7 +97,7 @@ def load_tiny(
                          max_position_embeddings=256, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(ctx.device)  # teach on the run's device (a GPU if any)
     report = inject_knowledge(model, tokenizer, benchmark, steps=inject_steps, lr=inject_lr,
                               batch_size=inject_batch_size, target_accuracy=target_accuracy,
                               seed=init_seed)
