@@ -8,6 +8,7 @@ schema); a split is the questions used to *measure* a domain plus the text used 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,23 +57,33 @@ class Split:
         return len(self.questions)
 
 
-def read_mcq_jsonl(path: str | Path) -> list[MCQ]:
-    """Read a WMDP-schema JSONL file; a bad line raises BenchmarkFileError naming file and line."""
+def jsonl_rows(path: str | Path, what: str = "benchmark file") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object raises
+    BenchmarkFileError naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise BenchmarkFileError(f"benchmark file not found: {path}")
-    questions = []
+        raise BenchmarkFileError(f"{what} not found: {path}")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError("expected a JSON object")
-                questions.append(MCQ.from_json(row))
-            except (ValueError, TypeError) as err:
+            except ValueError as err:
                 raise BenchmarkFileError(f"{path}:{lineno}: {err}") from None
+            if not isinstance(row, dict):
+                raise BenchmarkFileError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, row
+
+
+def read_mcq_jsonl(path: str | Path) -> list[MCQ]:
+    """Read a WMDP-schema JSONL file; a bad line raises BenchmarkFileError naming file and line."""
+    questions = []
+    for lineno, row in jsonl_rows(path):
+        try:
+            questions.append(MCQ.from_json(row))
+        except (ValueError, TypeError) as err:
+            raise BenchmarkFileError(f"{path}:{lineno}: {err}") from None
     if not questions:
         raise BenchmarkFileError(f"{path}: no questions in file")
     return questions

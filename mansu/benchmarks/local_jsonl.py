@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from mansu.data import MCQ, Benchmark, BenchmarkFileError, Split, read_mcq_jsonl
+from mansu.data import MCQ, Benchmark, BenchmarkFileError, Split, jsonl_rows, read_mcq_jsonl
 
 
 def read_corpus_jsonl(path: str | Path) -> list[str]:
     """One {"text": ...} object per line (the format of WMDP's forget/retain corpora)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BenchmarkFileError(f"corpus file not found: {path}")
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                text = row["text"] if isinstance(row, dict) else None
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError('expected an object with a non-empty "text" string')
-            except (ValueError, KeyError) as err:
-                raise BenchmarkFileError(f"{path}:{lineno}: {err}") from None
-            texts.append(text)
+    for lineno, row in jsonl_rows(path, "corpus file"):
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise BenchmarkFileError(f'{path}:{lineno}: expected a non-empty "text" string')
+        texts.append(text)
     return texts
 
 

