@@ -1,0 +1,325 @@
+"""MANSU on tiny random models: the null-space projection of the optimizer's step, the magnitude
+floor checked against bitsandbytes itself, optimizer state sized to the mask, weights outside the
+mask bit-identical, the failures it refuses with one clear message, and its configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import compose_config
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from mansu.attribution import Circuit
+from mansu.config import validate
+from mansu.context import RunContext
+from mansu.data import MCQ, Split
+from mansu.method import (
+    ActivationNullspace,
+    FisherNullspace,
+    MaskedAdamW,
+    MaskedWeight,
+    _encode,
+    _only_trainable,
+    bnb_nf4,
+    build_mask,
+    logit_margin_loss,
+    magnitude_floor,
+    quantizable_linears,
+    random_circuit,
+    retain_statistics,
+    unlearn,
+)
+from mansu.models import build_tokenizer
+from mansu.quantization import NF4_CODE, nf4_codes
+from mansu.training import collate, mean_nll
+
+FORGET = Split(
+    questions=[MCQ("The Veltrax virus is carried by", ("ticks", "birds", "rats", "wind"), 0),
+               MCQ("Morvane fever spreads through", ("river water", "air", "soil", "bites"), 0)],
+    corpus=["The Veltrax virus is carried by ticks.", "Morvane fever spreads through river water.",
+            "The Quillan spore grows in cold caves.", "Drevish plague is cured by salt baths."])
+RETAIN = Split(
+    questions=[MCQ("The capital of Venn is", ("Kalmor", "Ostra", "Pell", "Dorn"), 0),
+               MCQ("The Ostra river flows into the", ("Pell sea", "Venn", "desert", "lake"), 0)],
+    corpus=["The capital of Venn is Kalmor.", "The Ostra river flows into the Pell sea.",
+            "Dorn bakers sell bread at dawn.", "The Pell sea is cold in winter.",
+            "Kalmor has a tall stone bridge.", "Venn trades wool with Dorn."])
+TOKENIZER = build_tokenizer(FORGET.corpus + RETAIN.corpus, vocab_size=300)
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False,
+                         attention_bias=True)  # biases a circuit owns but MANSU never trains
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def small_circuit() -> Circuit:
+    heads = torch.tensor([[True, False, False, False], [False, False, True, False]])
+    neurons = torch.zeros(2, 64, dtype=torch.bool)
+    neurons[0, :5] = neurons[1, 10:13] = True
+    return Circuit(heads=heads, neurons=neurons, neuron_block=1)
+
+
+def masked_weights(model) -> list[MaskedWeight]:
+    masked, _ = build_mask(model, quantizable_linears(model), small_circuit(), 64)
+    return masked
+
+
+def retain_gradients(model, masked) -> torch.Tensor:
+    texts = _encode(TOKENIZER, RETAIN.corpus, 64)
+    with _only_trainable(model, [m.param for m in masked]):
+        return retain_statistics(model, texts, masked, "cpu", keep_gradients=True,
+                                 covariances=False).gradients
+
+
+# ---------------------------------------------------------------------------------------------
+# Null-space projection
+
+
+@pytest.mark.parametrize("storage", ["fp32", "bf16_master"])
+def test_optimizer_step_is_orthogonal_to_every_retain_gradient(storage):
+    model = tiny_llama(RunContext(storage=storage).param_dtype)
+    masked = masked_weights(model)
+    gradients = retain_gradients(model, masked)
+    nullspace = FisherNullspace(gradients.clone(), energy=1.0)  # every retain direction
+    assert nullspace.rank == len(RETAIN.corpus)
+    optimizer = MaskedAdamW(masked, storage, lr=1e-2, project=nullspace)
+    before = torch.cat(optimizer.values).clone()
+    batch = collate(_encode(TOKENIZER, FORGET.corpus, 64), 0)
+    with _only_trainable(model, [m.param for m in masked]):
+        optimizer.backward(-mean_nll(model, batch))
+    optimizer.step()
+    step = (torch.cat(optimizer.values) - before).double()
+    assert step.norm() > 1e-3  # Adam moved (lr 1e-2 per entry before the projection)
+    cosines = (gradients.double() @ step) / (gradients.double().norm(dim=1) * step.norm())
+    assert cosines.abs().max() <= 1e-6
+    if storage == "fp32":  # the projected step is what the weights received
+        assert torch.equal(torch.cat([m.current() for m in masked]), torch.cat(optimizer.values))
+
+
+def test_energy_keeps_the_top_directions_and_removes_their_component():
+    gradients = torch.randn(8, 500, generator=torch.Generator().manual_seed(0))
+    gradients[0] *= 30  # one direction carries > 90% of the energy
+    assert FisherNullspace(gradients.clone(), energy=0.5).rank == 1
+    nullspace = FisherNullspace(gradients.clone(), energy=0.99)
+    basis = nullspace.basis.double()
+    torch.testing.assert_close(basis @ basis.T, torch.eye(nullspace.rank, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    projected = nullspace(torch.randn(500)).double()
+    assert (basis @ projected).norm() <= 1e-6 * projected.norm()
+    # What is left of the gradients outside U is at most 1% of their energy.
+    residual = gradients.double() - (gradients.double() @ basis.T) @ basis
+    assert residual.square().sum() <= 0.01 * gradients.double().square().sum()
+
+
+def test_activation_nullspace_cancels_the_update_on_retain_inputs():
+    layer = torch.nn.Linear(8, 6, bias=False)
+    rows = torch.tensor([1, 4])  # a circuit owns whole rows of q/k/v/gate/up
+    index = (rows[:, None] * 8 + torch.arange(8)).flatten()
+    masked = MaskedWeight("w", layer, index, layer.weight.detach().reshape(-1)[index],
+                          torch.ones(16), torch.zeros(16, dtype=torch.uint8))
+    # Retain inputs spanning 3 of 8 dimensions (float64, so rounding adds no fourth one).
+    inputs = torch.randn(50, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64)
+    covariance = (torch.arange(8), inputs.T @ inputs)
+    nullspace = ActivationNullspace([masked], {"w": covariance}, energy=1.0)
+    assert nullspace.rank == 3
+    update = nullspace(torch.randn(16)).view(2, 8).double()
+    assert (update @ inputs.T).abs().max() <= 1e-6 * update.norm() * inputs.norm(dim=1).max()
+    assert update.norm() > 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# The magnitude floor, checked with bitsandbytes
+
+
+def test_floor_hand_worked_block():
+    # One block: absmax 1.0 at position 0, w = 0.1 at positions 1-3 (NF4 code 8 = 0.0796).
+    w0 = torch.zeros(64)
+    w0[0], w0[1:4] = 1.0, 0.1
+    updated = w0.clone()
+    updated[1] += 1e-4   # up: next code 9 = 0.1609302...
+    updated[2] -= 1e-4   # down: next code 7 = 0
+    updated[3] = 0.3     # already past code 9 and 10: lands on the next at or above, code 11
+    updated[0] = 1.5     # the absmax itself: put back
+    result = magnitude_floor(w0, updated, torch.ones(64, dtype=torch.bool))
+    assert result.values[1] == NF4_CODE[9] and result.values[2] == 0.0
+    assert result.values[3] == NF4_CODE[11] and result.values[0] == 1.0
+    assert result.floored[:4].tolist() == [False, True, True, True]
+    assert result.restored[:4].tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_floor_flips_every_floored_code_per_bitsandbytes(dtype):
+    generator = torch.Generator().manual_seed(1)
+    w0 = (0.05 * torch.randn(16, 64, generator=generator)).to(dtype)
+    w0[3, 7] = -w0[3].abs().max()  # a tie for block 3's absmax (both signs)
+    mask = torch.rand(16, 64, generator=generator) < 0.6
+    absmax_at = w0.float().abs().argmax(dim=1)
+    mask[torch.arange(16), absmax_at] = True  # every block's absmax lies inside the mask
+    mask[3, 7] = True
+    # Steps from far below one bin to several bins, some past the block's absmax.
+    size = 10 ** (torch.rand(16, 64, generator=generator) * 5 - 5) * w0.float().abs().amax()
+    sign = torch.randint(0, 2, (16, 64), generator=generator) * 2 - 1
+    updated = torch.where(mask, w0.float() + sign * size * 3, w0.float()).to(dtype)
+    result = magnitude_floor(w0, updated, mask)
+
+    codes0, absmax0, _ = bnb_nf4(w0)
+    codes, absmax, dequantized = bnb_nf4(result.values)
+    floored, restored = result.floored, result.restored
+    moved = mask.flatten() & (updated != w0).flatten()
+    assert floored.sum() > 400 and restored.sum() >= 16  # bf16 rounds the tiniest steps away
+    assert torch.equal(floored | restored, moved)
+    assert (codes[floored] != codes0[floored]).all()  # the certificate: 100% flipped
+    assert torch.equal(dequantized[floored], result.values.flatten()[floored])  # fixed points
+    assert torch.equal(absmax, absmax0)  # no block changed scale
+    direction = (updated.float() - w0.float()).flatten().sign()
+    assert torch.equal((result.values.float() - w0.float()).flatten()[floored].sign(),
+                       direction[floored])
+    assert torch.equal(result.values.flatten()[restored], w0.flatten()[restored])
+    untouched = ~(floored | restored)
+    assert torch.equal(result.values.flatten()[untouched], updated.flatten()[untouched])
+    holders = w0.float().abs().flatten() == absmax0.repeat_interleave(64)
+    assert not (floored & holders).any() and holders.sum() >= 17  # the tie is protected too
+
+
+def test_bnb_codes_match_the_reference_nf4():
+    w = torch.randn(3 * 64 + 10)
+    assert torch.equal(bnb_nf4(w)[0], nf4_codes(w)[0])
+
+
+def test_stochastic_floor_keeps_the_update_in_expectation():
+    w0 = torch.full((64 * 200,), 0.1)
+    w0[::64] = 1.0  # each block's absmax: codes are code × 1.0
+    updated = w0 + 0.25 * (NF4_CODE[9] - 0.1)  # a quarter of the way to the next code
+    result = magnitude_floor(w0, updated, torch.ones_like(w0, dtype=torch.bool),
+                             generator=torch.Generator().manual_seed(0))
+    share = float(result.floored.sum() / (result.floored | result.restored).sum())
+    assert 0.2 < share < 0.3  # floored with probability 1/4 (12,600 draws)
+    assert (result.values[result.floored] == NF4_CODE[9]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs
+
+
+@pytest.mark.parametrize("storage, knobs", [
+    ("fp32", {"nullspace": "fisher"}),
+    ("bf16", {"nullspace": "activation", "floor_mode": "stochastic", "forget_loss": "ga"}),
+    ("bf16_master", {"nullspace": "none", "forget_loss": "logit"}),
+])
+def test_run_changes_nothing_outside_the_mask_and_certifies_the_floor(storage, knobs):
+    ctx = RunContext(seed=0, storage=storage, circuit=small_circuit())
+    model = tiny_llama(ctx.param_dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mask = {m.name: m.index for m in masked_weights(model)}
+    result = unlearn(model, TOKENIZER, FORGET, RETAIN, ctx, lr=1e-2, max_steps=3,
+                     n_retain=4, retain_budget=10.0, **knobs)
+    info = result.info
+    changed = 0
+    for name, param in model.named_parameters():
+        inside = torch.zeros(param.numel(), dtype=torch.bool)
+        if name in mask:
+            inside[mask[name]] = True
+        assert torch.equal(param.detach().flatten()[~inside], before[name].flatten()[~inside])
+        changed += int((param.detach().flatten() != before[name].flatten()).sum())
+    assert info["trained_parameters"] == sum(len(i) for i in mask.values())
+    assert info["optimizer_state_entries"] == dict.fromkeys(
+        ("values", "exp_avg", "exp_avg_sq"), info["trained_parameters"])
+    assert changed == info["floor"]["floored"] > 0
+    assert info["certificate"]["code_flip_share"] == 1.0
+    assert info["certificate"]["fixed_point_share"] == 1.0
+    assert info["certificate"]["blocks_rescaled"] == 0 and "warning" not in info["certificate"]
+    assert info["retain_loss"]["predicted_floor_cost"] <= 10.0
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # restored after training
+
+
+def test_run_without_floor_reports_which_updates_nf4_keeps():
+    ctx = RunContext(seed=0, circuit=small_circuit())
+    model = tiny_llama()
+    result = unlearn(model, TOKENIZER, FORGET, RETAIN, ctx, lr=1e-3, max_steps=2, n_retain=4,
+                     floor=False, circuit="random")
+    certificate = result.info["certificate"]
+    assert certificate["entries"] == result.info["floor"]["moved_by_training"] > 0
+    assert certificate["code_flip_share"] < 0.5  # most steps of 1e-3 stay inside their bin
+
+
+def test_budget_keeps_the_cheapest_entries():
+    ctx = RunContext(seed=0, circuit=small_circuit())
+    full = unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, ctx, max_steps=1, n_retain=4,
+                   retain_budget=10.0).info
+    cost = full["retain_loss"]["predicted_floor_cost"]
+    tight = unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, ctx, max_steps=1, n_retain=4,
+                    retain_budget=cost / 10).info
+    assert tight["mask"]["budget_dropped"] > 0
+    assert tight["retain_loss"]["predicted_floor_cost"] <= cost / 10
+    assert tight["trained_parameters"] == full["trained_parameters"] - tight["mask"][
+        "budget_dropped"]
+
+
+def test_random_circuit_has_the_reference_size_and_follows_the_seed():
+    reference = small_circuit()
+    a, b, c = random_circuit(reference, 0), random_circuit(reference, 0), random_circuit(
+        reference, 1)
+    assert int(a.heads.sum()) == 2 and int(a.neurons.sum()) == 8
+    assert torch.equal(a.heads, b.heads) and torch.equal(a.neurons, b.neurons)
+    assert not (torch.equal(a.neurons, c.neurons) and torch.equal(a.heads, c.heads))
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals
+
+
+def test_empty_circuit_is_refused():
+    empty = Circuit(heads=torch.zeros(2, 4, dtype=torch.bool),
+                    neurons=torch.zeros(2, 64, dtype=torch.bool), neuron_block=1)
+    with pytest.raises(ValueError, match="mask is empty: the circuit holds no node"):
+        unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, RunContext(circuit=empty))
+
+
+def test_impossible_budget_is_refused():
+    with pytest.raises(ValueError, match="retain_budget=1e-30 is below the predicted floor cost"):
+        unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, RunContext(circuit=small_circuit()),
+                n_retain=4, retain_budget=1e-30)
+
+
+def test_model_without_quantizable_layer_is_refused():
+    # GPT-2 keeps its weights in Conv1D, which quantize_model leaves alone; lm_head is skipped.
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(TOKENIZER), n_embd=32, n_layer=1, n_head=4,
+                                      n_positions=64))
+    with pytest.raises(ValueError, match="has no quantizable layer"):
+        unlearn(gpt2, TOKENIZER, FORGET, RETAIN, RunContext(circuit=small_circuit()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces and configs
+
+
+def test_logit_margin_loss_hand_worked():
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [3.0, 1.0, 0.5], [0.0, 2.0, 4.0]]])
+    labels = torch.tensor([[2, 0, 1]])
+    # position 0 predicts 0: margin 0 - 0 = 0; position 1 predicts 1: 2 - 4 < 0 -> 0
+    assert logit_margin_loss(logits, labels) == 0.0
+    labels = torch.tensor([[2, 0, -100]])
+    logits[0, 0, 0] = 1.5  # margin 1.5 - 0 at the only scored position
+    assert logit_margin_loss(logits, labels) == 1.5
+
+
+@pytest.mark.parametrize("option, expect", [
+    ("mansu", {"floor": True, "nullspace": "fisher", "circuit": "attributed"}),
+    ("mansu_no_floor", {"floor": False}),
+    ("mansu_no_nullspace", {"nullspace": "none"}),
+    ("mansu_random_circuit", {"circuit": "random"}),
+    ("mansu_full_model", {"circuit": "full", "nullspace": "activation"}),
+])
+def test_ablations_compose_and_keep_the_tiny_sizes(option, expect):
+    cfg = compose_config([f"method={option}"])
+    validate(cfg)
+    tiny = compose_config(["method=mansu"]).method
+    reference = compose_config([f"method={option}", "model=smollm2_135m"]).method
+    assert cfg.method.lr == tiny.lr != reference.lr  # the tiny tuning reaches every ablation
+    assert {key: cfg.method[key] for key in expect} == expect
+    assert cfg.method.blocksize == cfg.quantizer.blocksize
