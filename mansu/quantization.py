@@ -165,9 +165,12 @@ def quantize_tensor(w: Tensor, quant_type: str = "nf4", blocksize: int = 64) -> 
 
 def _dequantize_4bit_float32(packed: Tensor, state: bnb_functional.QuantState) -> Tensor:
     # Dequantizing to float32 keeps code * absmax exact; the state's own dtype is the layer's.
+    # Blocks run over the flattened tensor, and bitsandbytes 0.50.2's CPU kernel gets 2-D shapes
+    # wrong when the last dimension is not a multiple of the blocksize: dequantize flat, reshape.
     float32_state = copy.copy(state)
     float32_state.dtype = torch.float32
-    return bnb_functional.dequantize_4bit(packed, float32_state)
+    float32_state.shape = torch.Size([state.shape.numel()])
+    return bnb_functional.dequantize_4bit(packed, float32_state).reshape(state.shape)
 
 
 def _is_skipped(name: str, skip_modules: tuple[str, ...]) -> bool:
@@ -250,12 +253,32 @@ def quantize_model(
             f"no quantizable layer: {type(model).__name__} has no nn.Linear outside "
             f"skip_modules={skip_modules}"
         )
+    _refuse_miscomputed_shapes(quantized, targets, quant_type, blocksize)
     for name in targets:
         parent_name, _, child_name = name.rpartition(".")
         parent = quantized.get_submodule(parent_name)
         linear = getattr(parent, child_name)
         setattr(parent, child_name, _bnb_linear(linear, quant_type, blocksize, double_quant))
     return quantized
+
+
+def _refuse_miscomputed_shapes(model: nn.Module, targets: list[str], quant_type: str,
+                               blocksize: int) -> None:
+    """bitsandbytes 0.50.2 on CPU computes a Linear4bit wrongly when in_features is not a multiple
+    of the blocksize (its dequantization misplaces blocks of 2-D weights; measured in
+    tests/test_quantization.py). Real models' widths are multiples of 64; refuse the rest on CPU
+    rather than report numbers from a miscomputed model."""
+    if quant_type not in ("nf4", "fp4"):
+        return
+    bad = [name for name in targets
+           if model.get_submodule(name).in_features % blocksize
+           and model.get_submodule(name).weight.device.type == "cpu"]
+    if bad:
+        raise ValueError(
+            f"bitsandbytes' CPU 4-bit layers miscompute Linear layers whose in_features is not a "
+            f"multiple of blocksize={blocksize}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
+            f"; use widths that are multiples of {blocksize}, list them in skip_modules, or run on "
+            f"a GPU")
 
 
 def dequantized_state(qmodel: nn.Module) -> dict[str, Tensor]:

@@ -259,7 +259,8 @@ def unlearn(model, tokenizer, benchmark: Benchmark, ctx: RunContext, cfg: DictCo
         result = method(model, tokenizer, benchmark.forget, benchmark.retain, ctx)
         if result.model is not model:
             model.load_state_dict(result.model.state_dict())
-        changed = {name: t.detach().cpu() for name, t in model.state_dict().items()
+        # named_parameters lists a tied weight (embeddings = lm_head) once, as safetensors needs.
+        changed = {name: t.detach().cpu() for name, t in model.named_parameters()
                    if not torch.equal(t.detach().cpu(), theta0[name])}
         cache.tensors("unlearn", key, lambda: changed)
         info = {"steps": result.steps, "losses": [float(x) for x in result.losses],

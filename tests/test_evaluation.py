@@ -79,7 +79,7 @@ def model():
     torch.manual_seed(0)
     # A large initializer range makes the random model opinionated: scores differ by more than
     # float noise, so a prediction is decided by the computation, not by rounding.
-    config = LlamaConfig(vocab_size=400, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          initializer_range=0.2)
     return LlamaForCausalLM(config).eval()

@@ -225,3 +225,19 @@ def test_no_quantizable_layer_is_a_clear_error():
 def test_unknown_quant_type_is_rejected(model):
     with pytest.raises(ValueError, match="quant_type"):
         quantize_model(model, quant_type="nf3")
+
+
+def test_bitsandbytes_cpu_bug_for_narrow_rows_is_worked_around_or_refused():
+    """bitsandbytes 0.50.2's CPU dequantization of a 2-D 4-bit weight whose last dimension is not a
+    multiple of 64 is wrong; quantize_tensor dequantizes flat (exact), quantize_model refuses."""
+    import torch
+    from torch import nn
+
+    from mansu.quantization import quantize_model, quantize_tensor, reference_nf4
+
+    torch.manual_seed(0)
+    for shape in [(32, 32), (128, 32), (16, 48)]:
+        w = torch.randn(shape)
+        assert torch.equal(quantize_tensor(w, "nf4", 64), reference_nf4(w))
+    with pytest.raises(ValueError, match="multiple of blocksize=64: 0"):
+        quantize_model(nn.Sequential(nn.Linear(32, 64)), skip_modules=())
