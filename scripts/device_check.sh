@@ -29,8 +29,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
 PY
 start=$(date +%s)
 python3 -m mansu.run model.hidden_size=2048 model.num_layers=16 model.num_heads=32 \
-  model.num_kv_heads=8 model.intermediate_size=5632 model.inject_lr=3e-4 model.inject_batch_size=128 \
-  model.target_accuracy=0.95 storage=bf16 method=ga method.max_steps=40 method.lr=3e-5 \
+  model.num_kv_heads=8 model.intermediate_size=5632 model.inject_lr=3e-4 model.inject_batch_size=128 model.inject_steps=1000 \
+  model.target_accuracy=0.9 storage=bf16 method=ga method.max_steps=40 method.lr=3e-5 \
   method.stop_forget_acc=null attribution.max_items=64 cpu_threads=null 2>&1 | grep -v "it/s\]\|s/it\]"
 echo "real-size run wall time: $(( $(date +%s) - start )) s"
 python3 - <<'PY'
