@@ -339,7 +339,7 @@ def reversal_stages(metrics: dict, stage, model, qmodel, theta0: dict, tokenizer
     from mansu.diagnostics import update_diagnostics
     from mansu.quantization import dequantized_state
 
-    quantized = dequantized_state(qmodel)
+    quantized = {n: t.cpu() for n, t in dequantized_state(qmodel).items()}  # θ0 lives on CPU
     thetau = model.state_dict()
     thetau_correct = metrics["accuracy"]["thetau"]["forget"]["correct"]
     common = {"scoring": scoring, "batch_size": settings.batch_size, "seed": ctx.seed}
