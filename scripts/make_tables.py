@@ -48,6 +48,8 @@ def row_of(record: dict) -> dict:
     row["flips (moved)"] = diag.get("code_flip_share_moved")
     row["carried share"] = diag.get("carried_share")
     row["moved share"] = diag.get("moved_share")
+    row["CAD − floor"] = m.get("cad", {}).get("cad_minus_floor")
+    row["floor certificate"] = (m.get("unlearning", {}).get("certificate") or {}).get("code_flip_share")
     for name, verdict in record.get("verdicts", {}).items():
         row[f"v:{name}"] = verdict["holds"]
     return row
@@ -104,6 +106,9 @@ def markdown(table: pd.DataFrame) -> str:
         shown = shown.drop(columns=["gap low", "gap high"])
     shown = shown.dropna(axis=1, how="all")
     cols = list(shown.columns)
+    if "PTQ gap" in cols and "noise gap" in cols:  # the gap beside its noise control
+        cols.remove("PTQ gap")
+        cols.insert(cols.index("noise gap"), "PTQ gap")
     lines = ["| " + " | ".join(c.removeprefix("v:") for c in cols) + " |",
              "|" + "|".join("---" for _ in cols) + "|"]
     for _, r in shown.iterrows():
