@@ -41,8 +41,8 @@ def noise_control(model, quantized: dict[str, torch.Tensor], thetau_correct: lis
     """Forget-accuracy change of θu plus Gaussian noise of each tensor's own quantization-error
     RMS (paired over questions against θu), beside which a PTQ gap is judged."""
     state = {n: t.detach().cpu() for n, t in model.state_dict().items() if n in quantized}
-    noisy = with_weights(model, {n: noise_like_quantization(state, quantized, seed)[n]
-                                 for n in quantized})
+    noise = noise_like_quantization(state, quantized, seed)
+    noisy = with_weights(model, {n: noise[n] for n in quantized})
     correct = forget_correct(noisy, tokenizer, questions, scoring=scoring, batch_size=batch_size)
     return paired_bootstrap(thetau_correct, correct, iters=iters, seed=seed)
 
