@@ -113,5 +113,5 @@ def first_order(model, theta0: dict[str, torch.Tensor], quantized_u: dict[str, t
     parts = first_order_decomposition(grad, {n: theta0[n].float() for n in names}, thetau, q0, qu)
     with torch.no_grad():
         measured = corpus_nll(with_weights(model, qu), tokenizer, texts) - loss_u.detach()
-    return {**parts, "measured": float(measured), "forget_nll_thetau": float(loss_u),
+    return {**parts, "measured": float(measured), "forget_nll_thetau": loss_u.item(),
             "n_texts": len(texts)}
