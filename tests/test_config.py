@@ -13,9 +13,9 @@ from hydra.utils import instantiate
 from mansu.config import ConfigError, fits, validate, validate_node
 
 GROUPS = ["model", "benchmark", "method", "quantizer", "attribution", "eval", "logger"]
-# Options that need files or hardware this machine lacks are composed and validated, but built
-# only by the tests that provide what they need (named here so nothing is skipped silently).
-BUILT_ELSEWHERE = {"model": "test_models.py", "benchmark": "test_benchmarks.py"}
+# Model and benchmark options are built by the tests that provide what they need: the tiny model in
+# conftest.py, SmolLM2 and the hub models (offline refusal) in test_models.py, the benchmarks in
+# test_benchmarks.py and test_real_benchmarks.py.
 # Keys an option leaves for the user to fill (`???`); any value of the right type composes.
 REQUIRED = {("benchmark", "local_jsonl"): ["benchmark.forget_path=f.jsonl",
                                            "benchmark.retain_path=r.jsonl"]}
@@ -67,6 +67,12 @@ def test_every_quantizer_instantiates(option):
 def test_every_logger_instantiates(option):
     tracker = instantiate(compose_config([f"logger={option}"]).logger)
     assert hasattr(tracker, "log_record")
+
+
+@pytest.mark.parametrize("option", options("attribution"))
+def test_every_attribution_setting_instantiates(option):
+    settings = instantiate(compose_config([f"attribution={option}"]).attribution)
+    assert settings.enabled == (option != "none")
 
 
 def test_eval_settings_instantiate():
