@@ -46,6 +46,7 @@ def row_of(record: dict) -> dict:
     row["noise gap"] = m.get("noise_control", {}).get("value")
     row["bin/update median"] = diag.get("bin_update_ratio_median")
     row["flips (moved)"] = diag.get("code_flip_share_moved")
+    row["calibration slope"] = diag.get("flip_calibration_slope")
     row["carried share"] = diag.get("carried_share")
     row["moved share"] = diag.get("moved_share")
     row["CAD − floor"] = m.get("cad", {}).get("cad_minus_floor")
