@@ -28,11 +28,12 @@ from mansu.context import RunContext
 from mansu.data import Benchmark, BenchmarkFileError
 from mansu.models import ModelLoadError
 from mansu.record import atomic_write_json, environment, paired_bootstrap, summary_table, verdicts
+from mansu.training import UnlearningDiverged
 
 log = logging.getLogger("mansu")
 
 # Errors whose message says everything: no traceback on the terminal for these.
-CLEAR_ERRORS = (ConfigError, BenchmarkFileError, ModelLoadError, ValueError)
+CLEAR_ERRORS = (ConfigError, BenchmarkFileError, ModelLoadError, UnlearningDiverged, ValueError)
 
 
 @dataclass

@@ -43,6 +43,8 @@ class UnlearnResult:
 class UnlearningDiverged(RuntimeError):
     """A loss or a trained parameter became NaN/inf; the message names the step and the value."""
 
+    status = "diverged"  # what the run's record says instead of "failed"
+
 
 def require(condition: bool, message: str) -> None:
     """Reject an impossible setting before any training, with one clear message."""

@@ -82,6 +82,17 @@ def test_failed_job_keeps_what_it_measured_and_rerun_finishes(tmp_path, session_
     assert again["metrics"]["unlearning"] == saved["metrics"]["unlearning"]
 
 
+def test_nan_during_unlearning_is_recorded_as_diverged_with_theta0_kept(tmp_path, session_cache,
+                                                                        tiny):
+    record = launcher.run_guarded(compose_config(
+        [*FAST, "method.lr=1e30", "attribution=none", "seed=31"], cache_dir=session_cache),
+        tmp_path / "nan", multirun=True)
+    saved = json.loads((tmp_path / "nan" / "result.json").read_text())
+    assert record["status"] == saved["status"] == "diverged"
+    assert "UnlearningDiverged" in saved["error"] and "step" in saved["error"]
+    assert saved["metrics"]["accuracy"]["theta0"]["forget"]["accuracy"] >= 0.95
+
+
 def test_single_run_error_is_one_clear_line(tmp_path, session_cache):
     cfg = compose_config(["method=ga", "method.lr=abc"], cache_dir=session_cache)
     with pytest.raises(SystemExit, match=r"mansu: error: method\.lr: expected float, got 'abc'"):
