@@ -136,7 +136,7 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
         with stage("attribution_theta0"):
             theta0_attr = cache.objects("attribution", key_of(model_key, cfg.attribution), lambda:
                                         attribute_theta0(model, tokenizer, benchmark, attribution,
-                                                         scoring, ctx.seed))
+                                                         scoring, seed=0))
         ctx = RunContext(**{**asdict(ctx), "circuit": theta0_attr["circuit"]})
         record["metrics"]["circuit"] = theta0_attr["circuit"].to_json()
 
@@ -294,7 +294,9 @@ def attribution_items(questions: list, max_items: int | None, seed: int) -> list
 
 def attribute_theta0(model, tokenizer, benchmark: Benchmark, settings: AttributionSettings,
                      scoring: str, seed: int) -> dict:
-    """EAP-IG on θ0 for the forget and retain items, the circuit, and CAD's noise floor."""
+    """EAP-IG on θ0 for the forget and retain items, the circuit, and CAD's noise floor. It is
+    cached per θ0, so its item sample and noise-floor split take a fixed seed, not the run's: every
+    seed of a sweep is then compared against the same circuit."""
     from mansu.attribution import attribute, mask_share, parameter_mask, select_circuit
     from mansu.cad import noise_floor
 
