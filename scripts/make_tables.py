@@ -44,6 +44,9 @@ def row_of(record: dict) -> dict:
             row[f"forget {label}"] = acc[key]["forget"]["accuracy"]
             row[f"retain {label}"] = acc[key]["retain"]["accuracy"]
     row["noise gap"] = m.get("noise_control", {}).get("value")
+    for fmt, result in (m.get("other_formats") or {}).items():
+        row[f"{fmt} gap"] = result["ptq_gap"]["value"]
+        row[f"{fmt} noise"] = result["noise_control"]["value"]
     row["bin/update median"] = diag.get("bin_update_ratio_median")
     row["flips (moved)"] = diag.get("code_flip_share_moved")
     row["calibration slope"] = diag.get("flip_calibration_slope")
