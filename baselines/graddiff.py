@@ -18,7 +18,7 @@ from mansu.training import (
     require,
     retain_term,
     run_unlearning,
-    text_batches,
+    split_batches,
     trainable_parameters,
 )
 
@@ -26,7 +26,8 @@ from mansu.training import (
 def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
             lr: float = 1e-5, max_steps: int = 100, batch_size: int = 4,
             retain_loss: Literal["nll", "kl"] = "nll", alpha: float = 1.0,
-            weight_decay: float = 0.01, max_length: int = 512, train_embeddings: bool = True,
+            weight_decay: float = 0.01, max_length: int = 512,
+            loss_tokens: Literal["answer", "all"] = "answer", train_embeddings: bool = True,
             stop_forget_acc: float | None = None, eval_every: int = 10) -> UnlearnResult:
     check_common_knobs("graddiff", forget, lr=lr, max_steps=max_steps, batch_size=batch_size,
                        stop_forget_acc=stop_forget_acc, eval_every=eval_every)
@@ -37,9 +38,10 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
     reference = frozen_copy(model) if retain_loss == "kl" else None
     params = [p for _, p in trainable_parameters(model, train_embeddings=train_embeddings)]
     optimizer = StorageAdamW(params, ctx.storage, lr=lr, weight_decay=weight_decay)
-    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length}
-    forget_batches = text_batches(tokenizer, forget.corpus, seed=ctx.seed, **batching)
-    retain_batches = text_batches(tokenizer, retain.corpus, seed=ctx.seed + 1, **batching)
+    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length,
+                "loss_tokens": loss_tokens}
+    forget_batches = split_batches(tokenizer, forget, seed=ctx.seed, **batching)
+    retain_batches = split_batches(tokenizer, retain, seed=ctx.seed + 1, **batching)
 
     def closure():
         loss = graddiff_loss(mean_nll(model, next(forget_batches)),
@@ -49,4 +51,5 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
         return loss.detach()
 
     return run_unlearning(model, tokenizer, forget, ctx, optimizer, closure, max_steps=max_steps,
-                          stop_forget_acc=stop_forget_acc, eval_every=eval_every)
+                          stop_forget_acc=stop_forget_acc, eval_every=eval_every,
+                          info={"loss_tokens": loss_tokens})

@@ -48,13 +48,36 @@ class MCQ:
 
 @dataclass
 class Split:
-    """One domain of a benchmark: questions to evaluate on and texts to train on."""
+    """One domain of a benchmark: questions to evaluate on and texts to train on.
+
+    ``answer_starts`` gives, per corpus text, the character where its answer begins (a fact
+    statement "The capital of France is Paris." answers from " Paris"); None for raw documents,
+    whose every token is answer. Methods with ``loss_tokens: answer`` score only those tokens, as
+    TOFU and open-unlearning mask the question."""
 
     questions: list[MCQ]
     corpus: list[str] = field(default_factory=list)
+    answer_starts: list[int] | None = None
+
+    def __post_init__(self):
+        if self.answer_starts is not None and len(self.answer_starts) != len(self.corpus):
+            raise ValueError(f"{len(self.answer_starts)} answer starts for {len(self.corpus)} "
+                             "corpus texts")
 
     def __len__(self) -> int:
         return len(self.questions)
+
+
+def question_texts(questions: list[MCQ]) -> list[str]:
+    """Without a corpus, train on each question completed by its correct choice."""
+    return [f"{q.question} {q.choices[q.answer]}" for q in questions]
+
+
+def statement_split(questions: list[MCQ], suffix: str = "") -> Split:
+    """The questions, trained on as statements (question, space, correct choice, ``suffix``),
+    each with the character where its answer begins (the space before the choice)."""
+    return Split(questions, [text + suffix for text in question_texts(questions)],
+                 answer_starts=[len(q.question) for q in questions])
 
 
 def jsonl_rows(path: str | Path, what: str = "benchmark file") -> Iterator[tuple[int, dict]]:

@@ -21,6 +21,7 @@ from mansu.benchmarks.lm_eval_task import (
     write_task_yaml,
 )
 from mansu.benchmarks.mmlu import MMLU_TEST_SIZE, load_mmlu, mmlu_subjects, read_mmlu
+from mansu.benchmarks.real_facts import half
 from mansu.config import validate_node
 from mansu.data import MCQ, BenchmarkFileError, write_mcq_jsonl
 from mansu.evaluation import choice_logprobs, evaluate_mcq
@@ -176,11 +177,13 @@ def test_wmdp_without_local_questions_fails_fast_offline(wmdp_files):
 def test_smollm2_facts_config_builds_with_its_sizes():
     cfg = compose_config(["benchmark=smollm2_facts"])
     validate_node(cfg.benchmark, "benchmark")
-    bench = instantiate(cfg.benchmark)
+    bench = instantiate(cfg.benchmark, split="all")
     assert (len(bench.forget), len(bench.retain)) == (123, 135)
     assert bench.scoring == "cloze" and not bench.inject
     for split in (bench.forget, bench.retain):
         assert split.corpus == [f"{q.question} {q.choices[q.answer]}." for q in split.questions]
+        assert [text[start:] for text, start in zip(split.corpus, split.answer_starts)] == [
+            f" {q.choices[q.answer]}." for q in split.questions]
         assert all(len(set(q.choices)) == 4 for q in split.questions)
     assert not {q.question for q in bench.forget.questions} & {q.question
                                                                for q in bench.retain.questions}
@@ -188,6 +191,21 @@ def test_smollm2_facts_config_builds_with_its_sizes():
     assert len(mmlu) == 200 and list(bench.extra_retain) == ["mmlu"]
     assert mmlu.questions[0].question.startswith("The following are questions (with answers)")
     assert mmlu.questions[0].question.endswith("\nAnswer:")
+
+
+def test_smollm2_facts_halves_are_disjoint_seeded_and_cover_the_file():
+    cfg = compose_config(["benchmark=smollm2_facts", "benchmark.mmlu_size=0"])
+    assert cfg.benchmark.split == "test"  # the default reports on the half nothing was tuned on
+    whole = instantiate(cfg.benchmark, split="all")
+    dev, test = (instantiate(cfg.benchmark, split=half) for half in ("dev", "test"))
+    for name in ("forget", "retain"):
+        d, t, a = (getattr(b, name).questions for b in (dev, test, whole))
+        assert (len(d), len(t)) == ((len(a) + 1) // 2, len(a) // 2)
+        assert not set(d) & set(t) and set(d) | set(t) == set(a)
+    reseeded = instantiate(cfg.benchmark, split="dev", split_seed=1)
+    assert reseeded.forget.questions != dev.forget.questions
+    with pytest.raises(ValueError, match="benchmark.split must be one of"):
+        half(whole.forget.questions, "train", 0)
 
 
 def test_mmlu_config_splits_subjects():

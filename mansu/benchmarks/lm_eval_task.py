@@ -24,9 +24,17 @@ from pathlib import Path
 
 import yaml
 
-from mansu.benchmarks.local_jsonl import question_texts, read_corpus_jsonl
+from mansu.benchmarks.local_jsonl import read_corpus_jsonl
 from mansu.benchmarks.mmlu import load_mmlu
-from mansu.data import MCQ, Benchmark, BenchmarkFileError, Split, read_mcq_jsonl, write_mcq_jsonl
+from mansu.data import (
+    MCQ,
+    Benchmark,
+    BenchmarkFileError,
+    Split,
+    read_mcq_jsonl,
+    statement_split,
+    write_mcq_jsonl,
+)
 from mansu.evaluation import mcq_requests
 
 # lm-eval's task for an MMLU subject, by scoring: `mmlu` is lettered, `mmlu_continuation` cloze.
@@ -225,8 +233,8 @@ def build_mmlu(
                        seed=seed)
 
     def split(pairs):
-        bare = [question for _, question in pairs]
+        statements = statement_split([question for _, question in pairs])
         return Split(mmlu_questions(pairs, scoring, lm_eval_prompt=lm_eval_prompt),
-                     question_texts(bare))
+                     statements.corpus, statements.answer_starts)
 
     return Benchmark("mmlu", split(forget), split(retain), scoring=scoring)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mansu.data import MCQ, Benchmark, BenchmarkFileError, Split, jsonl_rows, read_mcq_jsonl
+from mansu.data import (
+    Benchmark,
+    BenchmarkFileError,
+    Split,
+    jsonl_rows,
+    read_mcq_jsonl,
+    statement_split,
+)
 
 
 def read_corpus_jsonl(path: str | Path) -> list[str]:
@@ -18,19 +25,14 @@ def read_corpus_jsonl(path: str | Path) -> list[str]:
     return texts
 
 
-def question_texts(questions: list[MCQ]) -> list[str]:
-    """Without a corpus, train on each question completed by its correct choice."""
-    return [f"{q.question} {q.choices[q.answer]}" for q in questions]
-
-
 def build(*, forget_path: str, retain_path: str, forget_corpus_path: str | None = None,
           retain_corpus_path: str | None = None, scoring: str = "letter",
           name: str = "local_jsonl") -> Benchmark:
     if scoring not in ("letter", "cloze"):
         raise ValueError(f"benchmark.scoring must be letter or cloze, got {scoring!r}")
     forget_q, retain_q = read_mcq_jsonl(forget_path), read_mcq_jsonl(retain_path)
-    forget = Split(forget_q, read_corpus_jsonl(forget_corpus_path) if forget_corpus_path
-                   else question_texts(forget_q))
-    retain = Split(retain_q, read_corpus_jsonl(retain_corpus_path) if retain_corpus_path
-                   else question_texts(retain_q))
+    forget = (Split(forget_q, read_corpus_jsonl(forget_corpus_path)) if forget_corpus_path
+              else statement_split(forget_q))
+    retain = (Split(retain_q, read_corpus_jsonl(retain_corpus_path)) if retain_corpus_path
+              else statement_split(retain_q))
     return Benchmark(name, forget, retain, scoring=scoring)

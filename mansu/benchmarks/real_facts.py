@@ -4,38 +4,60 @@ unlearns knowledge the model actually has instead of facts injected into a tiny 
 Every fact is a cloze MCQ whose question is the sentence up to the answer ("The capital of France
 is" → Paris / Berlin / Madrid / Rome). Forget domain: biology, medicine, chemistry and pathogens
 (hazard-adjacent, all textbook knowledge); retain domain: geography, history and the arts. The
-training corpus of each domain is its fact statements. An MMLU sample is reported beside retain,
-scored as lm-eval scores MMLU with the same scoring (see lm_eval_task.mmlu_questions).
+training corpus of each domain is its fact statements, answers marked for answer-only losses. An
+MMLU sample is reported beside retain, scored as lm-eval scores MMLU with the same scoring (see
+lm_eval_task.mmlu_questions).
+
+Halves for an honest protocol: ``split: dev`` and ``split: test`` are two disjoint halves of each
+file, drawn by a seeded permutation (``split_seed``). Knobs are tuned on ``dev``; tables report
+``test``; ``all`` is both.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from mansu.benchmarks.lm_eval_task import mmlu_questions
-from mansu.benchmarks.local_jsonl import question_texts
 from mansu.benchmarks.mmlu import load_mmlu
-from mansu.data import Benchmark, Split, read_mcq_jsonl
+from mansu.data import MCQ, Benchmark, Split, read_mcq_jsonl, statement_split
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 FACT_FILES = {"forget": DATA_DIR / "smollm2_facts_forget.jsonl",
               "retain": DATA_DIR / "smollm2_facts_retain.jsonl"}
+HALVES = ("all", "dev", "test")
 
 
-def fact_split(path: Path) -> Split:
-    """The facts of one file; the corpus states each one ("The capital of France is Paris.")."""
-    questions = read_mcq_jsonl(path)
-    return Split(questions, [f"{text}." for text in question_texts(questions)])
+def half(questions: list[MCQ], split: str, seed: int) -> list[MCQ]:
+    """``dev`` = the first half of a seeded permutation (the larger half for an odd count),
+    ``test`` = the rest, in file order; ``all`` = every question."""
+    if split not in HALVES:
+        raise ValueError(f"benchmark.split must be one of {HALVES}, got {split!r}")
+    if split == "all":
+        return list(questions)
+    order = list(range(len(questions)))
+    random.Random(seed).shuffle(order)
+    cut = (len(order) + 1) // 2
+    chosen = set(order[:cut] if split == "dev" else order[cut:])
+    return [q for i, q in enumerate(questions) if i in chosen]
 
 
-def build(*, mmlu_size: int = 200, mmlu_seed: int = 0, scoring: str = "cloze") -> Benchmark:
-    """Forget/retain fact splits (123/135 questions); mmlu_size > 0 adds that many seeded MMLU
-    questions, all subjects, as the extra retain evaluation "mmlu"."""
+def fact_split(path: Path, split: str = "all", seed: int = 0) -> Split:
+    """The facts of one file (or one half of it); the corpus states each one ("The capital of
+    France is Paris.")."""
+    return statement_split(half(read_mcq_jsonl(path), split, seed), ".")
+
+
+def build(*, split: str = "test", split_seed: int = 0, mmlu_size: int = 200, mmlu_seed: int = 0,
+          scoring: str = "cloze") -> Benchmark:
+    """Forget/retain facts (123/135 questions in all; ``split`` picks a half of each), and, with
+    mmlu_size > 0, that many seeded MMLU questions, all subjects, as the extra retain "mmlu"."""
     if scoring not in ("cloze", "letter"):
         raise ValueError(f"benchmark.scoring must be cloze or letter, got {scoring!r}")
     extra = {}
     if mmlu_size:
         pairs = load_mmlu(size=mmlu_size, seed=mmlu_seed)
         extra["mmlu"] = Split(mmlu_questions(pairs, scoring))
-    return Benchmark("smollm2_facts", fact_split(FACT_FILES["forget"]),
-                     fact_split(FACT_FILES["retain"]), scoring=scoring, extra_retain=extra)
+    return Benchmark(f"smollm2_facts_{split}", fact_split(FACT_FILES["forget"], split, split_seed),
+                     fact_split(FACT_FILES["retain"], split, split_seed), scoring=scoring,
+                     extra_retain=extra)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from mansu.data import MCQ, Benchmark, Split
+from mansu.data import MCQ, Benchmark, Split, statement_split
 
 # domain -> (subject template, [(relation, attribute pool)]); {name} is a generated fictional name.
 DOMAINS: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
@@ -77,7 +77,7 @@ def fictional_names(rng: random.Random, count: int, taken: set[str]) -> list[str
 def domain_facts(domain: str, names: list[str], rng: random.Random) -> Split:
     """One statement and one 4-option cloze MCQ per (entity, relation) of a domain."""
     subject_template, relations = DOMAINS[domain]
-    questions, corpus = [], []
+    questions = []
     for name in names:
         subject = subject_template.format(name=name)
         for relation, pool in relations:
@@ -88,8 +88,7 @@ def domain_facts(domain: str, names: list[str], rng: random.Random) -> Split:
             choices.insert(answer, truth)
             question = f"{subject} {relation}"
             questions.append(MCQ(question, tuple(choices), answer))
-            corpus.append(f"{question} {truth}.")
-    return Split(questions, corpus)
+    return statement_split(questions, ".")
 
 
 def build(
@@ -111,9 +110,10 @@ def build(
     rng = random.Random(seed)
     taken: set[str] = set()
     forget = domain_facts(FORGET_DOMAIN, fictional_names(rng, forget_entities, taken), rng)
-    retain = Split([], [])
+    retain = Split([], [], answer_starts=[])
     for domain in retain_domains:
         part = domain_facts(domain, fictional_names(rng, retain_entities_per_domain, taken), rng)
         retain.questions += part.questions
         retain.corpus += part.corpus
+        retain.answer_starts += part.answer_starts
     return Benchmark("synthetic", forget, retain, scoring=scoring, inject=True)
