@@ -13,25 +13,24 @@ from mansu.attribution import Circuit
 from mansu.config import validate
 from mansu.context import RunContext
 from mansu.data import MCQ, Split
-from mansu.method import (
-    ActivationNullspace,
-    FisherNullspace,
-    MaskedAdamW,
+from mansu.method import unlearn
+from mansu.method.budget import candidate_order, diagonal_prefix, measured_prefix
+from mansu.method.certificate import bnb_nf4
+from mansu.method.floor import magnitude_floor
+from mansu.method.forget import logit_margin_loss
+from mansu.method.mask import (
     MaskedWeight,
-    _encode,
-    _only_trainable,
-    bnb_nf4,
     build_mask,
-    logit_margin_loss,
-    magnitude_floor,
+    only_trainable,
     quantizable_linears,
     random_circuit,
-    retain_statistics,
-    unlearn,
 )
+from mansu.method.nullspace import ActivationNullspace, FisherNullspace
+from mansu.method.optimizer import MaskedAdamW
+from mansu.method.retain import nullspace_statistics
 from mansu.models import build_tokenizer
 from mansu.quantization import NF4_CODE, nf4_codes
-from mansu.training import collate, mean_nll
+from mansu.training import collate_encoded, encode_texts, mean_nll
 
 FORGET = Split(
     questions=[MCQ("The Veltrax virus is carried by", ("ticks", "birds", "rats", "wind"), 0),
@@ -69,10 +68,10 @@ def masked_weights(model) -> list[MaskedWeight]:
 
 
 def retain_gradients(model, masked) -> torch.Tensor:
-    texts = _encode(TOKENIZER, RETAIN.corpus, 64)
-    with _only_trainable(model, [m.param for m in masked]):
-        return retain_statistics(model, texts, masked, "cpu", keep_gradients=True,
-                                 covariances=False).gradients
+    texts = encode_texts(TOKENIZER, RETAIN.corpus)
+    with only_trainable(model, [m.param for m in masked]):
+        return nullspace_statistics(model, texts, masked, "cpu", keep_gradients=True,
+                                    covariances=False, max_gradient_bytes=2**30).gradients
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,8 +87,8 @@ def test_optimizer_step_is_orthogonal_to_every_retain_gradient(storage):
     assert nullspace.rank == len(RETAIN.corpus)
     optimizer = MaskedAdamW(masked, storage, lr=1e-2, project=nullspace)
     before = torch.cat(optimizer.values).clone()
-    batch = collate(_encode(TOKENIZER, FORGET.corpus, 64), 0)
-    with _only_trainable(model, [m.param for m in masked]):
+    batch = collate_encoded(encode_texts(TOKENIZER, FORGET.corpus), 0)
+    with only_trainable(model, [m.param for m in masked]):
         optimizer.backward(-mean_nll(model, batch))
     optimizer.step()
     step = (torch.cat(optimizer.values) - before).double()
@@ -232,7 +231,8 @@ def test_run_changes_nothing_outside_the_mask_and_certifies_the_floor(storage, k
     assert info["certificate"]["code_flip_share"] == 1.0
     assert info["certificate"]["fixed_point_share"] == 1.0
     assert info["certificate"]["blocks_rescaled"] == 0 and "warning" not in info["certificate"]
-    assert info["retain_loss"]["predicted_floor_cost"] <= 10.0
+    assert info["retain_loss"]["measured_fisher_texts"] <= 10.0
+    assert info["updated"]["entries"] == changed
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())  # restored after training
 
@@ -247,17 +247,46 @@ def test_run_without_floor_reports_which_updates_nf4_keeps():
     assert certificate["code_flip_share"] < 0.5  # most steps of 1e-3 stay inside their bin
 
 
-def test_budget_keeps_the_cheapest_entries():
+@pytest.mark.parametrize("budget, measure", [("diagonal", "predicted_diagonal"),
+                                             ("measured", "measured_fisher_texts")])
+def test_budget_binds_on_the_final_update(budget, measure):
     ctx = RunContext(seed=0, circuit=small_circuit())
-    full = unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, ctx, max_steps=1, n_retain=4,
-                   retain_budget=10.0).info
-    cost = full["retain_loss"]["predicted_floor_cost"]
-    tight = unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, ctx, max_steps=1, n_retain=4,
-                    retain_budget=cost / 10).info
-    assert tight["mask"]["budget_dropped"] > 0
-    assert tight["retain_loss"]["predicted_floor_cost"] <= cost / 10
-    assert tight["trained_parameters"] == full["trained_parameters"] - tight["mask"][
-        "budget_dropped"]
+    knobs = {"lr": 1e-2, "max_steps": 3, "n_retain": 2, "budget": budget, "forget_loss": "ga"}
+    loose = unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, ctx, retain_budget=1e9,
+                    **knobs).info
+    full_cost = loose["retain_loss"][measure]
+    assert loose["budget"]["dropped"] == 0 and loose["updated"]["entries"] > 0
+    assert full_cost > 0
+    tight = unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, ctx, retain_budget=full_cost / 4,
+                    **knobs).info
+    assert tight["budget"]["dropped"] > 0
+    assert tight["retain_loss"][measure] <= full_cost / 4
+    assert tight["updated"]["entries"] < loose["updated"]["entries"]
+    assert tight["certificate"]["code_flip_share"] == 1.0
+
+
+def test_budget_on_a_quadratic_loss_takes_the_exact_knapsack():
+    # Five unit displacements on a diagonal quadratic retain loss ½ Σ F_i δ_i², F = 2, 4, 6, 8, 10:
+    # costs 1..5. Gains 5, 2, 6, 4, -1: by gain per cost 0, 2, 1, 3 (4 has no gain).
+    delta = torch.ones(5)
+    fisher = torch.tensor([2.0, 4.0, 6.0, 8.0, 10.0])
+    cost = 0.5 * fisher * delta.square()
+    gain = torch.tensor([5.0, 2.0, 6.0, 4.0, -1.0])
+    order = candidate_order(torch.ones(5, dtype=torch.bool), cost, gain)
+    assert order.tolist() == [0, 2, 1, 3]
+    # Budget 4.5: {0, 2} costs 4 for gain 11, the best any subset within 4.5 achieves.
+    assert diagonal_prefix(order, cost, 4.5) == 2
+
+    def loss_change(indices):
+        return float((0.5 * fisher[indices] * delta[indices].square()).sum())
+
+    kept, trace = measured_prefix(order, loss_change, 4.5)
+    assert kept == 2 and all(change <= 4.5 for k, change in trace if k <= kept)
+    # Without gains (next_code / stochastic floors) the cheapest go first.
+    assert candidate_order(torch.ones(5, dtype=torch.bool), cost, None).tolist() == [0, 1, 2, 3, 4]
+    # A displacement that lowers the retain loss (cost < 0) is taken first, whatever its ratio.
+    cost[3] = -0.5
+    assert candidate_order(torch.ones(5, dtype=torch.bool), cost, gain).tolist()[0] == 3
 
 
 def test_random_circuit_has_the_reference_size_and_follows_the_seed():
@@ -280,10 +309,21 @@ def test_empty_circuit_is_refused():
         unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, RunContext(circuit=empty))
 
 
-def test_impossible_budget_is_refused():
-    with pytest.raises(ValueError, match="retain_budget=1e-30 is below the predicted floor cost"):
+def test_bad_knobs_are_refused_before_any_work():
+    for knobs, message in [({"budget": "loose"}, "budget must be one of"),
+                           ({"floor_mode": "all"}, "floor_mode must be one of"),
+                           ({"loss_tokens": "prompt"}, "loss_tokens must be one of"),
+                           ({"n_heldout": 0}, "n_heldout must be >= 1"),
+                           ({"retain_budget": -1.0}, "retain_budget must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, RunContext(circuit=small_circuit()),
+                    **knobs)
+
+
+def test_null_space_too_large_for_memory_is_refused_up_front():
+    with pytest.raises(ValueError, match="fisher null space needs .* per-example gradients"):
         unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, RunContext(circuit=small_circuit()),
-                n_retain=4, retain_budget=1e-30)
+                max_gradient_bytes=1024)
 
 
 def test_model_without_quantizable_layer_is_refused():
@@ -313,7 +353,8 @@ def test_logit_margin_loss_hand_worked():
     ("mansu_no_floor", {"floor": False}),
     ("mansu_no_nullspace", {"nullspace": "none"}),
     ("mansu_random_circuit", {"circuit": "random"}),
-    ("mansu_full_model", {"circuit": "full", "nullspace": "activation"}),
+    ("mansu_full_model", {"circuit": "full", "nullspace": "fisher"}),
+    ("mansu_no_budget", {"budget": "none", "floor": True}),
 ])
 def test_ablations_compose_and_keep_the_tiny_sizes(option, expect):
     cfg = compose_config([f"method={option}"])
