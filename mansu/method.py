@@ -63,11 +63,13 @@ import bitsandbytes.functional as bnb_functional
 import torch
 from torch import Tensor, nn
 
-from mansu.attribution import Circuit, attribute, parameter_mask, select_circuit
+from mansu.circuit import Circuit, parameter_mask
 from mansu.context import RunContext
 from mansu.data import Split
+from mansu.eap_ig import attribute
 from mansu.losses import ga_loss, npo_loss
 from mansu.quantization import NF4_CODE, NF4_MIDPOINTS, expand_blocks, normalized_blocks
+from mansu.selection import select_circuit
 from mansu.training import (
     Batch,
     UnlearnResult,
