@@ -1,7 +1,7 @@
 """Circuit Attribution Divergence (METHOD.md §5): does θ0's circuit still carry the forget signal?
 
 With node attributions a on θ0 and a' on θu (same items, counterfactual and metric; see
-``mansu.attribution``) and the circuit C selected on θ0:
+``mansu.eap_ig``) and the circuit C selected on θ0:
 - CAD = 1 - clip(<a'_C, a_C> / ||a_C||^2, 0, 1): the share of the circuit's signal, projected on
   θ0's direction, that is gone. 0: the circuit computes what it did (any forgetting is suppression
   elsewhere); 1: it computes none of it.
@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mansu.attribution import Attribution, Circuit, attribute
+from mansu.circuit import Circuit
+from mansu.eap_ig import Attribution, attribute
 
 
 def _flat(scores: Attribution | Tensor) -> Tensor:

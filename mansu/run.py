@@ -297,8 +297,10 @@ def attribute_theta0(model, tokenizer, benchmark: Benchmark, settings: Attributi
     """EAP-IG on θ0 for the forget and retain items, the circuit, and CAD's noise floor. It is
     cached per θ0, so its item sample and noise-floor split take a fixed seed, not the run's: every
     seed of a sweep is then compared against the same circuit."""
-    from mansu.attribution import attribute, mask_share, parameter_mask, select_circuit
     from mansu.cad import noise_floor
+    from mansu.circuit import mask_share, parameter_mask
+    from mansu.eap_ig import attribute
+    from mansu.selection import select_circuit
 
     forget = attribution_items(benchmark.forget.questions, settings.max_items, seed)
     retain = attribution_items(benchmark.retain.questions, settings.max_items, seed)
@@ -320,8 +322,8 @@ def attribute_theta0(model, tokenizer, benchmark: Benchmark, settings: Attributi
 def circuit_divergence(model, qmodel, tokenizer, theta0_attr: dict, settings, scoring: str,
                        run_dir: Path) -> dict:
     """CAD of θu (and Q(θu)) on the same items, counterfactuals and metric as θ0's attribution."""
-    from mansu.attribution import attribute, plot_attribution
     from mansu.cad import cad_report
+    from mansu.eap_ig import attribute, plot_attribution
 
     items, kwargs = theta0_attr["forget_items"], settings.attribute_kwargs(scoring)
     # With the mean counterfactual each model's own retain means are its x̃.

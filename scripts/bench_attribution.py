@@ -3,7 +3,7 @@
     python scripts/bench_attribution.py [--device cpu|cuda] [--repeats 3] [--threads 1]
 
 For a tiny random Llama and a ~100M-parameter random Llama, prints the wall time of
-``mansu.attribution.attribute`` on one batch of cloze questions (prompt building, tokenisation and
+``mansu.eap_ig.attribute`` on one batch of cloze questions (prompt building, tokenisation and
 hooks included) divided by the time of the bare work EAP-IG needs on the same token batch:
 2 forward passes (clean, counterfactual) and m forward-backward passes, the backward giving the
 gradient of M with respect to the input embeddings only, as attribution's own backward does.
@@ -23,8 +23,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mansu import attribution as attr
 from mansu.data import MCQ
+from mansu.eap_ig import attribute
+from mansu.metric import NEUTRAL_STEM, build_rows, iter_batches, kept_logits, neutral_ids, row_metric
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,7 +52,7 @@ def tokenizer_for(items: list[MCQ]) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    texts = [f"{q.question} {c}." for q in items for c in q.choices] + [attr.NEUTRAL_STEM]
+    texts = [f"{q.question} {c}." for q in items for c in q.choices] + [NEUTRAL_STEM]
     tok.train_from_iterator(texts * 5, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<pad>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
@@ -64,10 +65,10 @@ def baseline_passes(model, batch, ig_steps: int) -> None:
     with torch.no_grad():
         clean, corrupt = embed(batch.clean), embed(batch.corrupt)
         for embeds in (clean, corrupt):
-            attr._row_metric(attr._logits(model, embeds, batch), batch, "cloze")
+            row_metric(kept_logits(model, embeds, batch), batch, "cloze")
     for k in range(1, ig_steps + 1):
         point = (corrupt + k / ig_steps * (clean - corrupt)).requires_grad_(True)
-        metric = attr._row_metric(attr._logits(model, point, batch), batch, "cloze").sum()
+        metric = row_metric(kept_logits(model, point, batch), batch, "cloze").sum()
         torch.autograd.grad(metric, point)
 
 
@@ -77,12 +78,12 @@ def measure(size: str, device: str, repeats: int, n_questions: int, ig_steps: in
     tokenizer = tokenizer_for(items)
     model = LlamaForCausalLM(LlamaConfig(**SIZES[size])).to(device).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    rows = attr._build_rows(tokenizer, items, "cloze",
-                            attr._neutral_ids(tokenizer, attr.NEUTRAL_STEM))
-    batch = next(attr._batches(rows, len(rows), tokenizer.pad_token_id, device))
+    rows = build_rows(tokenizer, items, "cloze",
+                            neutral_ids(tokenizer, NEUTRAL_STEM))
+    batch = next(iter_batches(rows, len(rows), tokenizer.pad_token_id, device))
 
     def run_attribution():
-        attr.attribute(model, tokenizer, items, scoring="cloze", ig_steps=ig_steps,
+        attribute(model, tokenizer, items, scoring="cloze", ig_steps=ig_steps,
                        batch_size=len(rows), progress=False)
 
     def timed(fn) -> float:

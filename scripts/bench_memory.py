@@ -42,7 +42,7 @@ def child(method: str, steps: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mansu.attribution import Circuit
+    from mansu.circuit import Circuit
     from mansu.context import RunContext
     from mansu.data import Split
     from mansu.models import build_tokenizer

@@ -1,4 +1,5 @@
-"""mansu.attribution on tiny random models of every supported family, checked against hooks and
+"""EAP-IG attribution, circuit selection and parameter masks (mansu.nodes, metric, eap_ig,
+selection, circuit) on tiny random models of every supported family, checked against hooks and
 weights addressed by module name here (not through the module under test)."""
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from mansu import attribution as attr
+from mansu.circuit import Circuit, mask_share, parameter_mask
 from mansu.data import MCQ
+from mansu.eap_ig import Attribution, attribute, mean_baseline, plot_attribution
 from mansu.evaluation import choice_logprobs
+from mansu.metric import NEUTRAL_STEM, build_rows, neutral_ids
+from mansu.nodes import UnsupportedArchitectureError, node_layout
+from mansu.selection import select_circuit, specificity
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -154,14 +159,14 @@ IDS = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0)
 
 def one_node_circuit(model, *, head: int | None = None, neuron: int | None = None, layer: int = 1,
                      neuron_block: int = 1):
-    layout = attr.node_layout(model)
+    layout = node_layout(model)
     heads = torch.zeros(layout.n_layers, layout.n_heads, dtype=torch.bool)
     neurons = torch.zeros(layout.n_layers, layout.n_blocks(neuron_block), dtype=torch.bool)
     if head is not None:
         heads[layer, head] = True
     if neuron is not None:
         neurons[layer, neuron] = True
-    return attr.Circuit(heads, neurons, neuron_block)
+    return Circuit(heads, neurons, neuron_block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +175,7 @@ def one_node_circuit(model, *, head: int | None = None, neuron: int | None = Non
 
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_node_layout_reads_each_family(family):
-    layout = attr.node_layout(build(family))
+    layout = node_layout(build(family))
     assert (layout.n_layers, layout.n_heads, layout.n_kv_heads, layout.n_neurons) == (
         2, HEADS, KV_HEADS[family], NEURONS)
     assert layout.head_dim == HEAD_DIM.get(family, HIDDEN // HEADS)
@@ -182,17 +187,17 @@ def test_unsupported_architecture_is_named():
     model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, ffn_dim=32,
                                      num_hidden_layers=1, num_attention_heads=2,
                                      word_embed_proj_dim=16))
-    with pytest.raises(attr.UnsupportedArchitectureError, match="OPTForCausalLM.*'opt'"):
-        attr.node_layout(model)
+    with pytest.raises(UnsupportedArchitectureError, match="OPTForCausalLM.*'opt'"):
+        node_layout(model)
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_output_projection_mask_equals_head_and_neuron_ablation(family):
     model = build(family)
-    layout = attr.node_layout(model)
+    layout = node_layout(model)
     hd = layout.head_dim
     for head, neuron in ((0, 5), (HEADS - 1, NEURONS - 1)):
-        mask = attr.parameter_mask(model, one_node_circuit(model, head=head, neuron=neuron))
+        mask = parameter_mask(model, one_node_circuit(model, head=head, neuron=neuron))
         head_cols, neuron_cols = torch.arange(head * hd, (head + 1) * hd), torch.tensor([neuron])
         ablated = run(model, IDS, [
             (family, 1, "heads", lambda z, cols=head_cols: z.index_fill(-1, cols, 0.0)),
@@ -233,10 +238,10 @@ def _perturbed(family, mask, names, *, inside: bool, only: tuple[str, int] | Non
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_qkv_mask_is_exactly_what_the_head_reads(family):
     model = build(family)
-    layout = attr.node_layout(model)
+    layout = node_layout(model)
     hd, group = layout.head_dim, HEADS // KV_HEADS[family]
     head = HEADS - 1
-    mask = attr.parameter_mask(model, one_node_circuit(model, head=head))
+    mask = parameter_mask(model, one_node_circuit(model, head=head))
     prefix = NAMES[family][0]
     qkv = [f"{prefix}.1.{m}.{p}" for m in NAMES[family][3] for p in ("weight", "bias")
            if getattr(model.get_submodule(f"{prefix}.1.{m}"), p, None) is not None]
@@ -270,7 +275,7 @@ def test_qkv_mask_is_exactly_what_the_head_reads(family):
 def test_neuron_input_mask_is_exactly_what_the_neuron_reads(family):
     model = build(family)
     neuron = 7
-    mask = attr.parameter_mask(model, one_node_circuit(model, neuron=neuron))
+    mask = parameter_mask(model, one_node_circuit(model, neuron=neuron))
     prefix = NAMES[family][0]
     fc_in = [f"{prefix}.1.{m}.{p}" for m in NAMES[family][4] for p in ("weight", "bias")
              if getattr(model.get_submodule(f"{prefix}.1.{m}"), p, None) is not None]
@@ -287,16 +292,16 @@ def test_neuron_input_mask_is_exactly_what_the_neuron_reads(family):
 
 def test_neuron_blocks_cover_the_last_partial_block():
     model = build("llama")
-    layout = attr.node_layout(model)
+    layout = node_layout(model)
     assert layout.n_blocks(5) == 10  # 48 neurons: nine blocks of 5 and one of 3
-    mask = attr.parameter_mask(model, one_node_circuit(model, neuron=9, neuron_block=5))
+    mask = parameter_mask(model, one_node_circuit(model, neuron=9, neuron_block=5))
     down = mask["model.layers.1.mlp.down_proj.weight"]
     assert down.any(0).nonzero()[:, 0].tolist() == [45, 46, 47]
     assert down.all(0)[45:].all()
     owned = 3 * HIDDEN * 3  # gate row, up row, down column of three neurons
     assert sum(int(m.sum()) for m in mask.values()) == owned
     total = sum(p.numel() for p in model.parameters())
-    assert attr.mask_share(mask, model) == pytest.approx(owned / total)
+    assert mask_share(mask, model) == pytest.approx(owned / total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,11 +310,11 @@ def test_neuron_blocks_cover_the_last_partial_block():
 
 def test_stem_swap_replaces_exactly_the_question_tokens():
     tokenizer = make_tokenizer(add_bos=True)
-    neutral = attr._neutral_ids(tokenizer, "calm")  # shorter than any question: it repeats
+    neutral = neutral_ids(tokenizer, "calm")  # shorter than any question: it repeats
     long_question = MCQ("The Veltrax virus that the city of Brano knew is carried by",
                         ("ticks", "bats", "rats", "fleas"), 0)
     for scoring in ("letter", "cloze"):
-        for row in attr._build_rows(tokenizer, [long_question], scoring, neutral):
+        for row in build_rows(tokenizer, [long_question], scoring, neutral):
             assert len(row.corrupt) == len(row.clean)
             changed = [p for p, (a, b) in enumerate(zip(row.clean, row.corrupt)) if a != b]
             question_ids = tokenizer(long_question.question, add_special_tokens=False)
@@ -324,12 +329,12 @@ def test_stem_swap_replaces_exactly_the_question_tokens():
 def test_letter_scoring_needs_single_token_letters():
     tokenizer = make_tokenizer(letter_tokens=False)
     with pytest.raises(ValueError, match="single tokens"):
-        attr.attribute(build("llama"), tokenizer, FORGET, scoring="letter", progress=False)
+        attribute(build("llama"), tokenizer, FORGET, scoring="letter", progress=False)
 
 
 def test_metric_matches_the_evaluation_scores(tokenizer):
     model = build("llama", 0.2)
-    result = attr.attribute(model, tokenizer, FORGET, scoring="cloze", ig_steps=1,
+    result = attribute(model, tokenizer, FORGET, scoring="cloze", ig_steps=1,
                             progress=False)
     logprobs = choice_logprobs(model, tokenizer, FORGET, scoring="cloze")
     for i, q in enumerate(FORGET):
@@ -337,7 +342,7 @@ def test_metric_matches_the_evaluation_scores(tokenizer):
         expected = logprobs[i, q.answer] - logprobs[i, others].mean()
         assert result.metric_clean[i] == pytest.approx(float(expected), abs=1e-4)
 
-    letters = attr.attribute(model, tokenizer, FORGET, scoring="letter", ig_steps=1,
+    letters = attribute(model, tokenizer, FORGET, scoring="letter", ig_steps=1,
                              progress=False)
     letter_ids = [tokenizer(" " + letter)["input_ids"][0] for letter in "ABCD"]
     for i, q in enumerate(FORGET):
@@ -349,7 +354,7 @@ def test_metric_matches_the_evaluation_scores(tokenizer):
         assert letters.metric_clean[i] == pytest.approx(float(expected), abs=1e-4)
 
     texts = CORPUS[:3]
-    corpus = attr.attribute(model, tokenizer, texts, scoring="corpus", ig_steps=1, progress=False)
+    corpus = attribute(model, tokenizer, texts, scoring="corpus", ig_steps=1, progress=False)
     for i, text in enumerate(texts):
         ids = torch.tensor([tokenizer(text)["input_ids"]])
         with torch.no_grad():
@@ -360,15 +365,15 @@ def test_metric_matches_the_evaluation_scores(tokenizer):
 def test_mean_counterfactual_uses_the_retain_means(tokenizer):
     model = build("llama", 0.2)
     with pytest.raises(ValueError, match="mean_items"):
-        attr.attribute(model, tokenizer, FORGET, counterfactual="mean", progress=False)
-    baseline = attr.mean_baseline(model, tokenizer, RETAIN, scoring="letter", batch_size=1)
+        attribute(model, tokenizer, FORGET, counterfactual="mean", progress=False)
+    baseline = mean_baseline(model, tokenizer, RETAIN, scoring="letter", batch_size=1)
     ids = [tokenizer(q.question + "".join(f"\n{ll}. {c}" for ll, c in zip("ABCD", q.choices))
                      + "\nAnswer:")["input_ids"] for q in RETAIN]
     embeds = torch.cat([model.get_input_embeddings()(torch.tensor(i)) for i in ids])
     torch.testing.assert_close(baseline.embed, embeds.mean(0))
     down_inputs = torch.cat([capture(model, "llama", torch.tensor([i]), 0)[1][0] for i in ids])
     torch.testing.assert_close(baseline.acts["neurons", 0], down_inputs.mean(0))
-    result = attr.attribute(model, tokenizer, FORGET, scoring="letter", counterfactual="mean",
+    result = attribute(model, tokenizer, FORGET, scoring="letter", counterfactual="mean",
                             mean_items=RETAIN, progress=False)
     assert result.flat().abs().sum() > 0 and result.baseline is not None
 
@@ -385,8 +390,8 @@ def row_metric(logits, row, scoring) -> torch.Tensor:
 
 
 def swap_rows(tokenizer, scoring):
-    return attr._build_rows(tokenizer, FORGET, scoring,
-                            attr._neutral_ids(tokenizer, attr.NEUTRAL_STEM))
+    return build_rows(tokenizer, FORGET, scoring,
+                            neutral_ids(tokenizer, NEUTRAL_STEM))
 
 
 def units(layout):
@@ -406,7 +411,7 @@ def units(layout):
 def patched_metrics(model, family, row, scoring, variants: list[list]) -> list[float]:
     """M of one row on its clean input, once per variant (a list of units set to their values
     on x~), all variants in one batch."""
-    layers = range(attr.node_layout(model).n_layers)
+    layers = range(node_layout(model).n_layers)
     sources = {layer: dict(zip(("heads", "neurons"),
                                capture(model, family, torch.tensor([row.corrupt]), layer)))
                for layer in layers}
@@ -429,7 +434,7 @@ def patched_metrics(model, family, row, scoring, variants: list[list]) -> list[f
 
 def single_node_effects(model, family, tokenizer, scoring):
     """M(x) - M(x with one node patched to its value on x~), mean over items, per node."""
-    nodes = units(attr.node_layout(model))
+    nodes = units(node_layout(model))
     effects = torch.zeros(len(nodes))
     for row in swap_rows(tokenizer, scoring):
         base, *patched = patched_metrics(model, family, row, scoring, [[]] + [[n] for n in nodes])
@@ -442,8 +447,8 @@ def single_node_effects(model, family, tokenizer, scoring):
 def test_one_step_eap_is_gradient_times_difference(tokenizer, family):
     """With m = 1 the score is (z(x) - z(x~)) . dM/dz at x: computed here by plain autograd."""
     model = build(family, 0.05)
-    got = attr.attribute(model, tokenizer, FORGET, scoring="cloze", ig_steps=1, progress=False)
-    nodes = units(attr.node_layout(model))
+    got = attribute(model, tokenizer, FORGET, scoring="cloze", ig_steps=1, progress=False)
+    nodes = units(node_layout(model))
     expected = torch.zeros(len(nodes))
     for row in swap_rows(tokenizer, "cloze"):
         corrupt = {layer: capture(model, family, torch.tensor([row.corrupt]), layer)
@@ -472,7 +477,7 @@ def test_eap_ig_tracks_single_node_patching(tokenizer, family, scoring):
     # initializer_range 0.05: single nodes move M by ~1e-2, far above float noise, while the
     # model is still smooth enough along the path for a first-order score to mean something.
     model = build(family, 0.05)
-    scores = attr.attribute(model, tokenizer, FORGET, scoring=scoring, ig_steps=5,
+    scores = attribute(model, tokenizer, FORGET, scoring=scoring, ig_steps=5,
                             progress=False).flat()
     effects = single_node_effects(model, family, tokenizer, scoring)
     assert effects.abs().mean() > 1e-3
@@ -483,15 +488,15 @@ def test_eap_ig_tracks_single_node_patching(tokenizer, family, scoring):
 # Circuit selection
 
 
-def planted(scores_heads, scores_neurons, like: attr.Attribution) -> attr.Attribution:
-    return attr.Attribution(scores_heads, scores_neurons, like.metric_clean, like.metric_corrupt,
+def planted(scores_heads, scores_neurons, like: Attribution) -> Attribution:
+    return Attribution(scores_heads, scores_neurons, like.metric_clean, like.metric_corrupt,
                             like.scoring, like.counterfactual, like.neuron_block, like.ig_steps,
                             like.neutral_stem)
 
 
 def test_select_circuit_ranks_by_specificity_and_stops_at_threshold(tokenizer):
     model = build("llama", 0.2)
-    measured = attr.attribute(model, tokenizer, FORGET, neuron_block=8, progress=False)
+    measured = attribute(model, tokenizer, FORGET, neuron_block=8, progress=False)
     # Forget scores 1..n; retain scores that cancel the forget specificity of the top 3 nodes.
     n = measured.flat().numel()
     forget_flat = torch.arange(1.0, n + 1)
@@ -502,10 +507,10 @@ def test_select_circuit_ranks_by_specificity_and_stops_at_threshold(tokenizer):
                      forget_flat[layers * HEADS :].view(layers, -1), measured)
     attr_r = planted(retain_flat[: layers * HEADS].view(layers, HEADS),
                      retain_flat[layers * HEADS :].view(layers, -1), measured)
-    order = attr.specificity(attr_f, attr_r).argsort(descending=True).tolist()
+    order = specificity(attr_f, attr_r).argsort(descending=True).tolist()
     assert order[:3] == [n - 4, n - 5, n - 6] and set(order[-3:]) == {n - 1, n - 2, n - 3}
 
-    circuit = attr.select_circuit(model, tokenizer, FORGET, attr_f, attr_r, threshold=0.8,
+    circuit = select_circuit(model, tokenizer, FORGET, attr_f, attr_r, threshold=0.8,
                                   progress=False)
     curve = dict(circuit.curve)
     assert curve[n] == pytest.approx(1.0, abs=1e-6)
@@ -514,7 +519,7 @@ def test_select_circuit_ranks_by_specificity_and_stops_at_threshold(tokenizer):
     assert sorted(circuit.flat().nonzero()[:, 0].tolist()) == sorted(order[: circuit.size])
 
     # The chosen size's faithfulness, recomputed one row at a time with hooks written here.
-    blocks = units(attr.node_layout(model))
+    blocks = units(node_layout(model))
     in_circuit = set(circuit.flat().nonzero()[:, 0].tolist())
     outside = [u for u in blocks if _node_of(u, neuron_block=8) not in in_circuit]
     clean = everything = kept = 0.0
@@ -537,6 +542,6 @@ def _node_of(unit, *, neuron_block):
 
 def test_plot_writes_a_png(tokenizer, tmp_path):
     model = build("llama")
-    before = attr.attribute(model, tokenizer, FORGET, neuron_block=4, progress=False)
-    path = attr.plot_attribution(before, before, tmp_path / "attribution.png", max_columns=5)
+    before = attribute(model, tokenizer, FORGET, neuron_block=4, progress=False)
+    path = plot_attribution(before, before, tmp_path / "attribution.png", max_columns=5)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,8 +14,10 @@ import torch
 from test_attribution import FORGET, RETAIN, build, make_tokenizer
 from torch import nn
 
-from mansu import attribution as attr
 from mansu.cad import behaviour_ratio, cad, cad_js, cad_report, noise_floor
+from mansu.circuit import parameter_mask
+from mansu.eap_ig import attribute
+from mansu.selection import select_circuit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,7 +60,7 @@ def _letter_known_by(model, tokenizer) -> tuple[int, list]:
     means = []
     for letter in range(4):
         items = [dataclasses.replace(q, answer=letter) for q in FORGET]
-        means.append(attr.attribute(model, tokenizer, items, scoring="letter", ig_steps=1,
+        means.append(attribute(model, tokenizer, items, scoring="letter", ig_steps=1,
                                     progress=False).metric_clean.mean())
     letter = int(torch.stack(means).argmax())
     return letter, [dataclasses.replace(q, answer=letter) for q in FORGET]
@@ -68,9 +70,9 @@ def test_planted_suppression_and_erasure(tokenizer):
     model = build("llama", 0.2)
     letter, forget = _letter_known_by(model, tokenizer)
     settings = dict(scoring="letter", progress=False)
-    a0 = attr.attribute(model, tokenizer, forget, **settings)
-    a_r = attr.attribute(model, tokenizer, RETAIN, **settings)
-    circuit = attr.select_circuit(model, tokenizer, forget, a0, a_r, progress=False)
+    a0 = attribute(model, tokenizer, forget, **settings)
+    a_r = attribute(model, tokenizer, RETAIN, **settings)
+    circuit = select_circuit(model, tokenizer, forget, a0, a_r, progress=False)
     assert 0 < circuit.size < a0.flat().numel()
     assert a0.metric_clean.mean() > 0
 
@@ -79,7 +81,7 @@ def test_planted_suppression_and_erasure(tokenizer):
     bias = torch.zeros(model.config.vocab_size)
     bias[letter_id] = -20.0
     handle = model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias)
-    suppressed = attr.attribute(model, tokenizer, forget, **settings)
+    suppressed = attribute(model, tokenizer, forget, **settings)
     handle.remove()
     assert cad(a0, suppressed, circuit) <= 0.1
     assert behaviour_ratio(a0, suppressed) < 0.5
@@ -89,18 +91,18 @@ def test_planted_suppression_and_erasure(tokenizer):
     outputs = ("o_proj.weight", "down_proj.weight")
     params = dict(erased.named_parameters())
     with torch.no_grad():
-        for name, mask in attr.parameter_mask(model, circuit).items():
+        for name, mask in parameter_mask(model, circuit).items():
             if name.endswith(outputs):
                 params[name][mask] = 0.0
-    assert cad(a0, attr.attribute(erased, tokenizer, forget, **settings), circuit) >= 0.8
+    assert cad(a0, attribute(erased, tokenizer, forget, **settings), circuit) >= 0.8
 
 
 def test_noise_floor(tokenizer):
     model = build("llama", 0.2)
     settings = dict(scoring="cloze", progress=False)
-    a0 = attr.attribute(model, tokenizer, FORGET, **settings)
-    circuit = attr.select_circuit(model, tokenizer, FORGET, a0,
-                                  attr.attribute(model, tokenizer, RETAIN, **settings),
+    a0 = attribute(model, tokenizer, FORGET, **settings)
+    circuit = select_circuit(model, tokenizer, FORGET, a0,
+                                  attribute(model, tokenizer, RETAIN, **settings),
                                   progress=False)
     with pytest.raises(ValueError, match="at least 2 items"):
         noise_floor(model, tokenizer, FORGET[:1], circuit, **settings)
@@ -144,8 +146,8 @@ def test_attribution_runs_through_4bit_layers(tokenizer):
         p.requires_grad_(False)
     quantized, reference = _to_4bit(model)
     assert isinstance(quantized.model.layers[1].self_attn.o_proj, bnb.nn.Linear4bit)
-    got = attr.attribute(quantized, tokenizer, FORGET, progress=False)
-    expected = attr.attribute(reference, tokenizer, FORGET, progress=False)
+    got = attribute(quantized, tokenizer, FORGET, progress=False)
+    expected = attribute(reference, tokenizer, FORGET, progress=False)
     assert got.flat().abs().sum() > 0
     torch.testing.assert_close(got.flat(), expected.flat(), rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(got.metric_clean, expected.metric_clean, rtol=1e-4, atol=1e-5)

@@ -9,7 +9,7 @@ import torch
 from conftest import compose_config
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from mansu.attribution import Circuit
+from mansu.circuit import Circuit
 from mansu.config import validate
 from mansu.context import RunContext
 from mansu.data import MCQ, Split

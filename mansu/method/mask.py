@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from mansu.attribution import Circuit, parameter_mask
+from mansu.circuit import Circuit, parameter_mask
 from mansu.quantization import NF4_MIDPOINTS, expand_blocks, normalized_blocks
 from mansu.training import require
 

@@ -16,9 +16,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mansu.attribution import Circuit, attribute, select_circuit
+from mansu.circuit import Circuit
 from mansu.context import RunContext
 from mansu.data import Split
+from mansu.eap_ig import attribute
 from mansu.method.budget import (
     candidate_order,
     check_budget,
@@ -50,6 +51,7 @@ from mansu.method.retain import (
     retain_cost,
     retain_texts,
 )
+from mansu.selection import select_circuit
 from mansu.training import (
     LOSS_TOKENS,
     UnlearnResult,
