@@ -1,7 +1,9 @@
-"""The circuit: selected nodes, and the parameter entries they own (METHOD.md §3)."""
+"""The circuit: selected nodes, and the parameter entries they own (METHOD.md §3), or, when a
+selection rule cut it further (``mansu.necessity``), its own per-weight set."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +15,12 @@ from mansu.nodes import node_layout
 @dataclass
 class Circuit:
     """Selected nodes: ``heads`` [L, H] and ``neurons`` [L, n_blocks] boolean. ``curve`` lists
-    every (size, faithfulness) evaluated; ``faithfulness`` is the chosen size's."""
+    every (size, faithfulness) evaluated; ``faithfulness`` is the chosen size's.
+
+    ``weights``: param name -> flat indices (int64, CPU) of the entries to update, when the rule
+    chose weights inside the nodes (``parameter_mask`` then returns exactly these); None = every
+    entry the nodes own. ``report``: what the rule measured (ablation curves, stability), recorded
+    as is."""
 
     heads: Tensor
     neurons: Tensor
@@ -21,6 +28,9 @@ class Circuit:
     curve: list[tuple[int, float]] = field(default_factory=list)
     faithfulness: float = float("nan")
     threshold: float = float("nan")
+    rule: str = "sufficiency"
+    weights: dict[str, Tensor] | None = None
+    report: dict = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -37,8 +47,12 @@ class Circuit:
     def to_json(self) -> dict:
         return {"size": self.size, "n_heads": int(self.heads.sum()),
                 "n_neuron_blocks": int(self.neurons.sum()), "neuron_block": self.neuron_block,
-                "faithfulness": self.faithfulness, "threshold": self.threshold,
-                "curve": [[s, f] for s, f in self.curve]}
+                "faithfulness": self.faithfulness,
+                "threshold": None if math.isnan(self.threshold) else self.threshold,
+                "curve": [[s, f] for s, f in self.curve], "rule": self.rule,
+                "weight_entries": (None if self.weights is None
+                                   else sum(int(i.numel()) for i in self.weights.values())),
+                **self.report}
 
 
 def parameter_mask(model: nn.Module, circuit: Circuit) -> dict[str, Tensor]:
@@ -48,7 +62,29 @@ def parameter_mask(model: nn.Module, circuit: Circuit) -> dict[str, Tensor]:
     its column slice of the output projection; neuron j owns row j of gate/up (fc_in) and column j
     of down (fc_out). The biases of the owned q/k/v and fc_in rows are owned too; the output
     projections' biases are shared by all nodes and are not. Conv1D (GPT-2) stores (in, out), so
-    its rows and columns swap. Only parameters with at least one owned entry appear."""
+    its rows and columns swap. Only parameters with at least one owned entry appear.
+
+    A circuit that carries its own ``weights`` gets exactly those entries."""
+    if circuit.weights is not None:
+        return weight_mask(model, circuit.weights)
+    return node_mask(model, circuit)
+
+
+def weight_mask(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """param name -> bool tensor of its shape, True at the listed flat indices."""
+    params = dict(model.named_parameters())
+    mask = {}
+    for name, index in weights.items():
+        if index.numel():
+            param = params[name]
+            flat = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
+            flat[index.to(param.device)] = True
+            mask[name] = flat.view(param.shape)
+    return mask
+
+
+def node_mask(model: nn.Module, circuit: Circuit) -> dict[str, Tensor]:
+    """The entries the circuit's nodes own (``parameter_mask`` without a per-weight set)."""
     layout = node_layout(model)
     structure = layout.structure
     out_axis, in_axis = (1, 0) if structure.conv1d else (0, 1)

@@ -14,6 +14,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import hydra
 import torch
@@ -63,9 +64,26 @@ class AttributionSettings:
     ig_steps: int = 5
     batch_size: int = 16
     neuron_block: int = 1
-    threshold: float = 0.8
-    lam: float = 1.0
+    select: Literal["necessity", "sufficiency"] = "necessity"  # rule (mansu.selection)
+    threshold: float = 0.8              # sufficiency: faithfulness the circuit must reach
+    lam: float = 1.0                    # sufficiency: weight of retain in forget-specificity
+    forget_removed: float = 0.5         # necessity: share of the forget metric ablation removes
+    retain_removed: float = 0.2         # necessity: at most this share of the retain metric
+    share_of_parameters: float = 0.005  # necessity: weights kept, share of quantized Linear weights
+    max_evaluations: int = 40           # necessity: node sets tried at most
+    curve_points: int = 8               # necessity: ablation curve of the plain forget ranking
+    retain_floor: float = 0.1           # necessity: ε of the Fisher ratio, x mean retain Fisher
+    stability: bool = True              # necessity: rerun on two halves of the forget items
+    skip_modules: tuple[str, ...] = ("lm_head",)  # Linear layers left unquantized
     max_items: int | None = 256
+
+    def selection_kwargs(self) -> dict:
+        return {"rule": self.select, "threshold": self.threshold, "lam": self.lam,
+                "forget_removed": self.forget_removed, "retain_removed": self.retain_removed,
+                "share_of_parameters": self.share_of_parameters,
+                "max_evaluations": self.max_evaluations, "curve_points": self.curve_points,
+                "retain_floor": self.retain_floor, "check_stability": self.stability,
+                "skip_modules": tuple(self.skip_modules), "batch_size": self.batch_size}
 
     def attribute_kwargs(self, scoring: str) -> dict:
         return {"scoring": scoring, "counterfactual": self.counterfactual,
@@ -300,7 +318,7 @@ def attribute_theta0(model, tokenizer, benchmark: Benchmark, settings: Attributi
     from mansu.cad import noise_floor
     from mansu.circuit import mask_share, parameter_mask
     from mansu.eap_ig import attribute
-    from mansu.selection import select_circuit
+    from mansu.selection import select
 
     forget = attribution_items(benchmark.forget.questions, settings.max_items, seed)
     retain = attribution_items(benchmark.retain.questions, settings.max_items, seed)
@@ -308,9 +326,9 @@ def attribute_theta0(model, tokenizer, benchmark: Benchmark, settings: Attributi
     mean_items = retain if settings.counterfactual == "mean" else None
     forget_attr = attribute(model, tokenizer, forget, mean_items=mean_items, **kwargs)
     retain_attr = attribute(model, tokenizer, retain, mean_items=mean_items, **kwargs)
-    circuit = select_circuit(model, tokenizer, forget, forget_attr, retain_attr,
-                             threshold=settings.threshold, lam=settings.lam,
-                             batch_size=settings.batch_size)
+    circuit = select(model, tokenizer, forget, retain, forget_attr, retain_attr,
+                     attribute_kwargs={**kwargs, "mean_items": mean_items}, seed=seed,
+                     **settings.selection_kwargs())
     circuit_share = mask_share(parameter_mask(model, circuit), model)
     floor = noise_floor(model, tokenizer, forget, circuit, seed=seed, mean_items=mean_items,
                         **kwargs)

@@ -1,5 +1,7 @@
-"""Circuit selection from EAP-IG scores on θ0 (METHOD.md §3): forget-specificity order, grown until
-faithfulness on the forget items reaches a threshold (``sufficiency``)."""
+"""Circuit selection from EAP-IG scores on θ0, by one of two rules (``attribution.select``):
+``sufficiency`` (METHOD.md §3: forget-specificity order, grown until faithfulness on the forget
+items reaches a threshold) or ``necessity`` (``mansu.necessity``: ablation removes the forget metric
+but not the retain one, then a per-weight cut to a parameter budget)."""
 
 from __future__ import annotations
 
@@ -8,21 +10,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from mansu.ablation import PatchEvaluator
 from mansu.circuit import Circuit
 from mansu.eap_ig import Attribution
-from mansu.metric import build_rows, iter_batches, kept_logits, neutral_ids, pad_id_of, row_metric
-from mansu.nodes import (
-    NodeLayout,
-    capture,
-    eval_mode,
-    keep_masks,
-    node_hooks,
-    node_layout,
-    patch_all,
-    patch_outside,
-)
+from mansu.necessity import FisherCache, select_necessary, stability
+from mansu.nodes import node_layout
+
+RULES = ("necessity", "sufficiency")
 
 
 def specificity(attr_f: Attribution, attr_r: Attribution, lam: float = 1.0) -> Tensor:
@@ -61,13 +56,14 @@ def select_circuit(
     n_nodes = order.numel()
     grid = sorted({max(1, round(s)) for s in torch.logspace(
         0, math.log10(n_nodes), curve_points).tolist()} | {n_nodes})
-    evaluator = _Faithfulness(model, tokenizer, forget, attr_f, layout, order, batch_size, progress)
-    curve = dict(zip(grid, evaluator(grid)))
+    evaluator = PatchEvaluator(model, tokenizer, forget, attr_f, batch_size=batch_size,
+                               progress=progress, desc="faithfulness")
+    curve = dict(zip(grid, evaluator.faithfulness([order[:s] for s in grid])))
     chosen = next(s for s in grid if curve[s] >= threshold)
     below = max([s for s in grid if s < chosen], default=0)
     while chosen - below > 1:
         mid = (chosen + below) // 2
-        curve[mid] = evaluator([mid])[0]
+        curve[mid] = evaluator.faithfulness([order[:mid]])[0]
         below, chosen = (below, mid) if curve[mid] >= threshold else (mid, chosen)
     selected = torch.zeros(n_nodes, dtype=torch.bool)
     selected[order[:chosen]] = True
@@ -82,54 +78,32 @@ def select_circuit(
     )
 
 
-class _Faithfulness:
-    """Faithfulness of the top-s nodes of ``order`` for several s in one pass over the items.
-    M(model) and M(all patched) do not depend on s and are computed on the first pass only."""
-
-    def __init__(self, model, tokenizer, items, attr: Attribution, layout: NodeLayout,
-                 order: Tensor, batch_size: int, progress: bool):
-        self.model, self.layout, self.order, self.attr = model, layout, order, attr
-        self.progress = progress
-        neutral = (neutral_ids(tokenizer, attr.neutral_stem)
-                   if attr.counterfactual == "stem_swap" else None)
-        self.rows = build_rows(tokenizer, items, attr.scoring, neutral)
-        self.batch_size = batch_size
-        self.pad_id = pad_id_of(tokenizer)
-        self.reference: tuple[float, float] | None = None
-
-    def __call__(self, sizes: list[int]) -> list[float]:
-        model, layout, attr = self.model, self.layout, self.attr
-        embed = model.get_input_embeddings()
-        keeps = [keep_masks(self.order[:s], layout, attr.neuron_block, embed.weight.device)
-                 for s in sizes]
-        totals = torch.zeros(len(sizes), dtype=torch.float64)
-        clean_total = patched_total = 0.0
-        batches = iter_batches(self.rows, self.batch_size, self.pad_id, embed.weight.device)
-        with eval_mode(model), torch.no_grad():
-            for batch in tqdm(batches, total=math.ceil(len(self.rows) / self.batch_size),
-                              desc=f"faithfulness ({len(sizes)} sizes)", disable=not self.progress):
-                embeds = embed(batch.clean)
-                if attr.baseline is None:
-                    source: dict = {}
-                    with node_hooks(model, layout, capture(source)):
-                        kept_logits(model, embed(batch.corrupt), batch)
-                else:
-                    source = attr.baseline.acts
-                if self.reference is None:
-                    clean_total += float(row_metric(kept_logits(model, embeds, batch), batch,
-                                                     attr.scoring).sum())
-                    with node_hooks(model, layout, patch_all(source)):
-                        logits = kept_logits(model, embeds, batch)
-                    patched_total += float(row_metric(logits, batch, attr.scoring).sum())
-                for i, keep in enumerate(keeps):
-                    with node_hooks(model, layout, patch_outside(keep, source)):
-                        logits = kept_logits(model, embeds, batch)
-                    totals[i] += float(row_metric(logits, batch, attr.scoring).sum())
-        if self.reference is None:
-            if abs(clean_total - patched_total) <= 1e-6 * max(1.0, abs(clean_total)):
-                raise ValueError("faithfulness is undefined: patching every node to the "
-                                 "counterfactual leaves M unchanged on these items")
-            self.reference = (clean_total, patched_total)
-        clean_total, patched_total = self.reference
-        return ((totals - patched_total) / (clean_total - patched_total)).tolist()
-
+def select(model: nn.Module, tokenizer, forget: Sequence, retain: Sequence, attr_f: Attribution,
+           attr_r: Attribution, *, rule: str, threshold: float = 0.8, lam: float = 1.0,
+           forget_removed: float = 0.5, retain_removed: float = 0.2,
+           share_of_parameters: float = 0.005, max_evaluations: int = 40, curve_points: int = 8,
+           retain_floor: float = 0.1, check_stability: bool = True,
+           skip_modules: Sequence[str] = ("lm_head",), batch_size: int = 8,
+           attribute_kwargs: dict | None = None, seed: int = 0, progress: bool = True) -> Circuit:
+    """The circuit by ``rule``; with ``necessity`` and ``check_stability`` its report also holds
+    the rule's stability across two halves of ``forget`` (``attribute_kwargs`` attribute them)."""
+    if rule not in RULES:
+        raise ValueError(f"attribution.select: unknown rule {rule!r}; expected one of {RULES}")
+    if rule == "sufficiency":
+        return select_circuit(model, tokenizer, forget, attr_f, attr_r, threshold=threshold,
+                              lam=lam, batch_size=batch_size, progress=progress)
+    knobs = dict(forget_removed=forget_removed, retain_removed=retain_removed,
+                 share_of_parameters=share_of_parameters, max_evaluations=max_evaluations,
+                 retain_floor=retain_floor, skip_modules=skip_modules, batch_size=batch_size,
+                 progress=progress)
+    retain_eval = PatchEvaluator(model, tokenizer, retain, attr_r, batch_size=batch_size,
+                                 progress=progress, desc="retain ablation")
+    retain_fisher = FisherCache(model, tokenizer, retain, attr_r)
+    circuit = select_necessary(model, tokenizer, forget, retain, attr_f, attr_r,
+                               curve_points=curve_points, retain_eval=retain_eval,
+                               retain_fisher=retain_fisher, **knobs)
+    if check_stability:
+        circuit.report["stability"] = stability(
+            model, tokenizer, forget, retain, attr_r, attribute_kwargs=attribute_kwargs or {},
+            seed=seed, retain_eval=retain_eval, retain_fisher=retain_fisher, **knobs)
+    return circuit
