@@ -4,6 +4,8 @@ mask bit-identical, the failures it refuses with one clear message, and its conf
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import compose_config
@@ -290,10 +292,12 @@ def test_budget_on_a_quadratic_loss_takes_the_exact_knapsack():
 
 
 def test_random_circuit_has_the_reference_size_and_follows_the_seed():
-    reference = small_circuit()
-    a, b, c = random_circuit(reference, 0), random_circuit(reference, 0), random_circuit(
-        reference, 1)
+    reference, model = small_circuit(), tiny_llama()
+    a, b, c = (random_circuit(reference, seed, model) for seed in (0, 0, 1))
     assert int(a.heads.sum()) == 2 and int(a.neurons.sum()) == 8
+    weighted = replace(reference, weights={"model.layers.0.mlp.up_proj.weight": torch.arange(7)})
+    scattered = random_circuit(weighted, 0, model).weights["model.layers.0.mlp.up_proj.weight"]
+    assert scattered.numel() == 7 and not torch.equal(scattered, torch.arange(7))
     assert torch.equal(a.heads, b.heads) and torch.equal(a.neurons, b.neurons)
     assert not (torch.equal(a.neurons, c.neurons) and torch.equal(a.heads, c.heads))
 

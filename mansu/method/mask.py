@@ -34,9 +34,9 @@ def quantizable_linears(model: nn.Module, skip_modules: tuple[str, ...] = ("lm_h
             and not any(name == skip or name.endswith("." + skip) for skip in skip_modules)}
 
 
-def random_circuit(reference: Circuit, seed: int) -> Circuit:
-    """As many heads and neuron blocks as ``reference``, placed uniformly at random; with a
-    per-weight mask, as many weights of the same layers, placed at random too."""
+def random_circuit(reference: Circuit, seed: int, model: nn.Module) -> Circuit:
+    """As many heads and neuron blocks as ``reference``, placed uniformly at random; a circuit
+    that carries its own weights gets as many weights of each tensor, at random positions."""
     generator = torch.Generator().manual_seed(seed)
 
     def scatter(selected: Tensor) -> Tensor:
@@ -44,11 +44,13 @@ def random_circuit(reference: Circuit, seed: int) -> Circuit:
         chosen[torch.randperm(selected.numel(), generator=generator)[: int(selected.sum())]] = True
         return chosen.view(selected.shape)
 
-    weights = getattr(reference, "weights", None)
-    extra = ({"weights": {name: scatter(mask) for name, mask in weights.items()}}
-             if weights else {})
+    weights = None
+    if reference.weights is not None:
+        params = dict(model.named_parameters())
+        weights = {name: torch.randperm(params[name].numel(), generator=generator)[
+            :index.numel()].sort().values for name, index in reference.weights.items()}
     return replace(reference, heads=scatter(reference.heads), neurons=scatter(reference.neurons),
-                   **extra)
+                   weights=weights)
 
 
 @dataclass

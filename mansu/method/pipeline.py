@@ -251,7 +251,7 @@ def choose_circuit(model, tokenizer, forget: Split, retain: Split, ctx: RunConte
         attr_r = attribute(model, tokenizer, retain.questions, **settings)
         reference = select_circuit(model, tokenizer, forget.questions, attr_f, attr_r,
                                    threshold=threshold, progress=False)
-    return reference if kind == "attributed" else random_circuit(reference, ctx.seed)
+    return reference if kind == "attributed" else random_circuit(reference, ctx.seed, model)
 
 
 def _n_parameters(model: nn.Module) -> int:
