@@ -64,7 +64,7 @@ class AttributionSettings:
     ig_steps: int = 5
     batch_size: int = 16
     neuron_block: int = 1
-    select: Literal["necessity", "sufficiency"] = "necessity"  # rule (mansu.selection)
+    select: Literal["necessity", "sufficiency"] = "sufficiency"  # rule (mansu.selection)
     threshold: float = 0.8              # sufficiency: faithfulness the circuit must reach
     lam: float = 1.0                    # sufficiency: weight of retain in forget-specificity
     forget_removed: float = 0.5         # necessity: share of the forget metric ablation removes

@@ -143,3 +143,18 @@ def test_stability_halves_and_the_rule_switch(setup):
     assert sufficient.rule == "sufficiency" and sufficient.weights is None
     with pytest.raises(ValueError, match="unknown rule"):
         select(model, tokenizer, FORGET, RETAIN, attr_f, attr_r, rule="both", **common)
+
+
+def test_the_config_selects_the_rule():
+    from conftest import compose_config
+    from hydra.utils import instantiate
+
+    from mansu.config import ConfigError, validate
+
+    settings = instantiate(compose_config(["attribution.select=necessity",
+                                           "attribution.share_of_parameters=0.01"]).attribution)
+    kwargs = settings.selection_kwargs()
+    assert kwargs["rule"] == "necessity" and kwargs["share_of_parameters"] == 0.01
+    assert kwargs["skip_modules"] == ("lm_head",)
+    with pytest.raises(ConfigError, match="attribution.select"):
+        validate(compose_config(["attribution.select=both"]))
