@@ -52,6 +52,14 @@ def row_of(record: dict) -> dict:
     row["calibration slope"] = diag.get("flip_calibration_slope")
     row["carried share"] = diag.get("carried_share")
     row["moved share"] = diag.get("moved_share")
+    unlearning = m.get("unlearning", {})
+    # The share of quantized weights the run changed: MANSU writes only its floored entries.
+    row["updated share"] = (unlearning.get("updated") or {}).get("share_of_quantized",
+                                                                diag.get("moved_share"))
+    row["budget dropped"] = (unlearning.get("budget") or {}).get("dropped")
+    retain_loss = unlearning.get("retain_loss") or {}
+    row["retain ΔNLL predicted"] = retain_loss.get("predicted_increase")
+    row["retain ΔNLL held out"] = retain_loss.get("measured_heldout")
     row["CAD − floor"] = m.get("cad", {}).get("cad_minus_floor")
     row["floor certificate"] = (m.get("unlearning", {}).get("certificate") or {}).get("code_flip_share")
     for name, verdict in record.get("verdicts", {}).items():
@@ -120,10 +128,42 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+BRIEF_ROWS = ["forget θ0", "forget θu", "forget Q(θu)", "retain θ0", "retain θu", "retain Q(θu)",
+              "PTQ gap", "noise gap", "updated share", "CAD − floor", "v:forgetting",
+              "v:retain_preservation", "v:quantization_permanence", "v:structural_erasure"]
+
+
+def brief(table: pd.DataFrame) -> str:
+    """The headline numbers side by side: one row per number, one column per method."""
+    names = [str(m) for m in table.get("method", pd.Series(range(len(table))))]
+    rows = []
+    for key in [k for k in BRIEF_ROWS if k in table]:
+        cells = []
+        for _, r in table.iterrows():
+            value = r[key]
+            if key.startswith("v:"):
+                cells.append("–" if pd.isna(value) else ("holds" if value else "FAILS"))
+            elif key == "PTQ gap":
+                cells.append("–" if np.isnan(value) else
+                             f"{value:+.3f} [{r['gap low']:+.3f}, {r['gap high']:+.3f}]")
+            elif isinstance(value, float) and not np.isnan(value):
+                cells.append(f"{value:+.3f}" if "gap" in key or "CAD" in key else
+                             f"{value:.4f}" if "share" in key else f"{value:.3f}")
+            else:
+                cells.append("–")
+        rows.append((key.removeprefix("v:"), cells))
+    width = max(len(c) + 2 for cells in [names, *(cells for _, cells in rows)] for c in cells)
+    lines = [f"{'':<24}" + "".join(f"{n:>{width}}" for n in names)]
+    lines += [f"{label:<24}" + "".join(f"{c:>{width}}" for c in cells) for label, cells in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="default: the sweep dir")
+    parser.add_argument("--brief", action="store_true",
+                        help="print only the headline columns, one column per method")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"not a folder: {args.sweep_dir}")
@@ -138,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)
     (out / "table.tex").write_text(table.to_latex(index=False, float_format="%.3f", na_rep="--"))
-    print(markdown(table))
+    print(brief(table) if args.brief else markdown(table))
     print(f"\nwrote {out / 'table.csv'} and {out / 'table.tex'}", file=sys.stderr)
     return 0
 

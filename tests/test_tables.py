@@ -1,0 +1,61 @@
+"""scripts/make_tables.py and scripts/plot_sweep.py on a hand-made sweep folder: the numbers they
+print are the records' numbers, means over seeds, and the headline figure is written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import make_tables  # noqa: E402
+import plot_sweep  # noqa: E402
+
+
+def record(method: str, seed: int, forget_u: float, updated: float) -> dict:
+    split = {"forget": {"accuracy": forget_u}, "retain": {"accuracy": 0.9}}
+    accuracy = {"theta0": {"forget": {"accuracy": 1.0}, "retain": {"accuracy": 1.0}},
+                "thetau": split, "q_theta0": {"forget": {"accuracy": 1.0},
+                                              "retain": {"accuracy": 1.0}},
+                "q_thetau": {"forget": {"accuracy": forget_u + 0.25}, "retain": {"accuracy": 0.9}}}
+    return {"status": "ok", "choices": {"model": "m", "benchmark": "b", "method": method},
+            "storage": "bf16", "quantizer": "nf4", "seed": seed,
+            "metrics": {"accuracy": accuracy, "noise_control": {"value": 0.0},
+                        "unlearning": {"updated": {"share_of_quantized": updated}},
+                        "cad": {"cad_minus_floor": 0.1}},
+            "verdicts": {"forgetting": {"holds": True},
+                         "quantization_permanence": {"holds": False}}}
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    for i, (method, seed, forget_u, updated) in enumerate(
+            [("ga", 0, 0.5, 0.03), ("ga", 1, 0.25, 0.05), ("mansu", 0, 0.5, 0.001)]):
+        folder = tmp_path / f"{i}_{method}_seed{seed}"
+        folder.mkdir()
+        (folder / "result.json").write_text(json.dumps(record(method, seed, forget_u, updated)))
+        # Four questions; Q(θu) answers one more of them than θu did.
+        (folder / "predictions.json").write_text(json.dumps(
+            {"thetau": {"forget": [1, 0, 0, 0]}, "q_thetau": {"forget": [1, 1, 0, 0]}}))
+    return tmp_path
+
+
+def test_brief_table_puts_methods_side_by_side_with_seed_means(sweep, capsys):
+    assert make_tables.main([str(sweep), "--brief"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ga", "mansu"]
+    rows = {line[:24].strip(): line[24:].split() for line in lines[1:]}
+    assert rows["forget θ0"] == ["1.000", "1.000"]
+    assert rows["forget θu"] == ["0.375", "0.500"]  # ga: the mean of its two seeds
+    assert rows["forget Q(θu)"] == ["0.625", "0.750"]
+    assert rows["updated share"] == ["0.0400", "0.0010"]
+    assert rows["PTQ gap"][:1] == ["+0.250"]  # one question in four, both seeds
+    assert rows["quantization_permanence"] == ["FAILS", "FAILS"]
+    assert (sweep / "table.csv").is_file()
+
+
+def test_headline_figure_is_written(sweep):
+    assert plot_sweep.main([str(sweep)]) == 0
+    assert (sweep / "headline.png").stat().st_size > 10_000
