@@ -29,8 +29,8 @@ from mansu.safeguards import SetupError, check_free_disk, claim_run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 # The smallest whole run: a few steps of GA, no attribution or noise control.
-SMALL = ["method=ga", "method.max_steps=4", "method.batch_size=8", "attribution=none",
-         "eval.noise_control=false", "eval.first_order=false"]
+CHEAP = ["attribution=none", "eval.noise_control=false", "eval.first_order=false"]
+SMALL = ["method=ga", "method.max_steps=4", "method.batch_size=8", *CHEAP]
 GOOD_ROW = {"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": 1}
 
 
@@ -163,7 +163,7 @@ def test_a_run_with_a_damaged_unlearn_entry_retrains_and_copies_its_artifact(tmp
 
 
 def test_two_runs_started_together_get_folders_of_their_own(tmp_path, session_cache, tiny):
-    args = [*TINY, f"cache_dir={session_cache}", *SMALL, "method=none"]
+    args = [*TINY, f"cache_dir={session_cache}", *CHEAP, "method=none"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
            "MANSU_OUTPUTS": str(tmp_path)}
     jobs = [subprocess.Popen([sys.executable, "-m", "mansu.run", *args, f"seed={seed}"], env=env,
@@ -199,11 +199,11 @@ FILL_DISK_AT_THE_END = """
 import os, sys
 from mansu import run as launcher
 
-last_stage = launcher.reversal_stages
+last_stage, disk = launcher.reversal_stages, sys.argv[1]
 
 def last_stage_then_fill_the_disk(*args, **kwargs):
     last_stage(*args, **kwargs)
-    fd = os.open(os.path.join(sys.argv[1], "filler"), os.O_CREAT | os.O_WRONLY)
+    fd = os.open(os.path.join(disk, "filler"), os.O_CREAT | os.O_WRONLY)
     for chunk in (1 << 16, 1 << 10, 1):
         try:
             while True:
@@ -225,10 +225,10 @@ def test_a_full_disk_at_the_end_still_leaves_a_record_and_no_flood(tmp_path, ses
     disk, copy = tmp_path / "disk", tmp_path / "copy"
     disk.mkdir()
     args = " ".join([*TINY, f"cache_dir={session_cache}", *SMALL, f"output_root={disk}"])
-    shell = (f"mount -t tmpfs -o size=4m tmpfs {disk} && cd {ROOT} && "
+    shell = (f"mount -t tmpfs -o size=80m tmpfs {disk} && cd {ROOT} && "
              f"{sys.executable} {script} {disk} {args}; rc=$?; cp -r {disk}/runs {copy}; exit $rc")
     out = subprocess.run(["unshare", "-m", "sh", "-c", shell], capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if "[INFO]" not in line and "bitsandbytes" not in line]
     assert len(lines) <= 3, out.stderr[-3000:]  # the log file's failure once, and the error line
@@ -323,7 +323,7 @@ def test_a_read_only_folder_is_found_before_any_work(tmp_path, where):
 
 
 def test_a_sweep_with_failed_jobs_exits_non_zero_with_a_summary(tmp_path, session_cache, tiny):
-    out = mansu_cli(["-m", *TINY, f"cache_dir={session_cache}", *SMALL, "method=none",
+    out = mansu_cli(["-m", *TINY, f"cache_dir={session_cache}", *CHEAP, "method=none",
                      "seed=abc,def,ghi,0"], tmp_path, timeout=600)
     assert out.returncode != 0
     assert "1 of 4 jobs ok" in out.stderr
