@@ -135,14 +135,12 @@ def load_pretrained(
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
             device_map=device_map, **kwargs)
-    except OSError as err:
+    except Exception as err:  # tokenizer, hub and weight-format libraries raise many types
         if offline and not looks_like_path:
             raise ModelLoadError(
                 f"model {name_or_path!r} is not in the local Hugging Face cache and the hub is "
                 f"offline (HF_HUB_OFFLINE=1); give a local directory instead: "
                 f"model.name_or_path=/path/to/model") from None
-        raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}") from None
-    except Exception as err:  # tokenizer and weight-format libraries raise many types
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {type(err).__name__}: {err}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -230,9 +230,10 @@ def test_a_full_disk_at_the_end_still_leaves_a_record_and_no_flood(tmp_path, ses
     out = subprocess.run(["unshare", "-m", "sh", "-c", shell], capture_output=True, text=True,
                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert out.returncode != 0
-    lines = [line for line in out.stderr.splitlines() if "[INFO]" not in line and "bitsandbytes" not in line]
-    assert len(lines) <= 3, out.stderr[-3000:]  # the log file's failure once, and the error line
-    assert "Logging error" not in out.stderr and "Traceback" not in out.stderr
+    ours = [line for line in out.stderr.splitlines() if line.startswith("mansu:")]
+    assert len(ours) <= 2, out.stderr[-3000:]  # the error line, and at most the log file's failure once
+    assert len((out.stdout + out.stderr).splitlines()) < 100  # no flood
+    assert "Logging error" not in out.stdout + out.stderr and "Traceback" not in out.stderr
     record = json.loads(next(copy.glob("*/result.json")).read_text())
     assert record["status"] == "failed" and "No space left" in record["error"]
     assert record["metrics"]["accuracy"]["q_thetau"]["forget"]["n"] > 0  # what it measured is kept
