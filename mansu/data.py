@@ -85,9 +85,12 @@ def jsonl_rows(path: str | Path, what: str = "benchmark file") -> Iterator[tuple
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise BenchmarkFileError(f"{path}:{lineno}: not valid JSON: {err}") from None
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                raise BenchmarkFileError(f"{path}:{lineno}: not valid JSON ({err.msg} at column "
+                                         f"{err.colno})") from None
+            except RecursionError:
+                raise BenchmarkFileError(f"{path}:{lineno}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise BenchmarkFileError(f"{path}:{lineno}: expected a JSON object")
             yield lineno, row
