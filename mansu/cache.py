@@ -192,9 +192,12 @@ class StageCache:
         return self.root / stage / key
 
     def get(self, stage: str, key: str, compute: Callable[[], object]):
-        """The cached value of (stage, key), or compute() stored as a new entry."""
+        """The cached value of (stage, key), or compute() stored as a new entry (neither read nor
+        written when the cache is off)."""
         folder = self.entry(stage, key)
-        if self.enabled and folder.exists():
+        if not self.enabled:
+            return compute()
+        if folder.exists():
             try:
                 value = read_entry(folder)
                 log.info("%s: reusing %s", stage, folder)
