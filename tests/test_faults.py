@@ -88,6 +88,13 @@ def test_a_damaged_entry_is_discarded_with_one_warning_and_recomputed(tmp_path, 
     assert cache.objects("unlearn", "k", lambda: pytest.fail("recomputed a sound entry")) is not None
 
 
+def test_a_cache_that_is_off_is_neither_read_nor_written(tmp_path):
+    StageCache(tmp_path).json("eval", "k", lambda: {"old": True})
+    off = StageCache(tmp_path, enabled=False)
+    assert off.json("eval", "k", lambda: {"new": True}) == {"new": True}
+    assert off.json("eval", "k2", lambda: {"new": True}) and not (tmp_path / "eval" / "k2").exists()
+
+
 def test_attributions_and_circuits_round_trip_as_tensors_and_json(tmp_path):
     heads, neurons = torch.randn(2, 4), torch.randn(2, 3)
     attr = Attribution(heads, neurons, torch.randn(5), torch.randn(5), "cloze", "mean", 8, 5, "x",
