@@ -22,8 +22,19 @@ GROUPS = ("model", "benchmark", "method", "quantizer", "attribution", "eval", "l
 RESERVED = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
 
+# conf/config.yaml's own keys and their types (the groups are checked against their builders).
+TOP_LEVEL = {"seed": int, "storage": Literal["fp32", "bf16", "bf16_master"], "device": str,
+             "cpu_threads": int | None, "output_root": str, "cache_dir": str}
+
+
 class ConfigError(ValueError):
     """A config that does not fit the code it configures."""
+
+
+def validate_top_level(cfg: DictConfig) -> None:
+    for key, hint in TOP_LEVEL.items():
+        if key in cfg and not fits(cfg.get(key), hint):
+            raise ConfigError(f"{key}: expected {type_name(hint)}, got {cfg.get(key)!r}")
 
 
 def knobs_of(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
@@ -101,4 +112,10 @@ def fits(value: Any, hint: Any) -> bool:
 
 
 def type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(hint))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

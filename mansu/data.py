@@ -43,7 +43,15 @@ class MCQ:
         missing = {"question", "choices", "answer"} - set(row)
         if missing:
             raise ValueError(f"missing field(s) {sorted(missing)}")
+        if not isinstance(row["choices"], list):  # a string would be split into one-letter choices
+            raise ValueError(f"choices must be a JSON list of strings, got {type(row['choices']).__name__} "
+                             f"{_short(row['choices'])}")
         return cls(row["question"], tuple(row["choices"]), row["answer"])
+
+
+def _short(value, limit: int = 40) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass
@@ -86,14 +94,26 @@ def jsonl_rows(path: str | Path, what: str = "benchmark file") -> Iterator[tuple
     path = Path(path)
     if not path.is_file():
         raise BenchmarkFileError(f"{what} not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    try:
+        f = path.open("rb")
+    except OSError as err:
+        raise BenchmarkFileError(f"{what} cannot be read: {path} ({err.strerror})") from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise BenchmarkFileError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} "
+                                         f"at column {err.start + 1})") from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise BenchmarkFileError(f"{path}:{lineno}: {err}") from None
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                raise BenchmarkFileError(f"{path}:{lineno}: not valid JSON ({err.msg} at column "
+                                         f"{err.colno})") from None
+            except RecursionError:
+                raise BenchmarkFileError(f"{path}:{lineno}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise BenchmarkFileError(f"{path}:{lineno}: expected a JSON object")
             yield lineno, row

@@ -124,6 +124,9 @@ def load_pretrained(
     looks_like_path = name_or_path.startswith(("/", ".", "~")) or local.exists()
     if looks_like_path and not local.is_dir():
         raise ModelLoadError(f"model path does not exist: {name_or_path}")
+    if looks_like_path and not (local / "config.json").is_file():
+        raise ModelLoadError(f"model folder {local} has no config.json: expected a Hugging Face model "
+                             f"folder (config.json, tokenizer files, *.safetensors)")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code,
                   local_files_only=offline and not looks_like_path)
@@ -132,13 +135,13 @@ def load_pretrained(
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
             device_map=device_map, **kwargs)
-    except OSError as err:
+    except Exception as err:  # tokenizer, hub and weight-format libraries raise many types
         if offline and not looks_like_path:
             raise ModelLoadError(
                 f"model {name_or_path!r} is not in the local Hugging Face cache and the hub is "
                 f"offline (HF_HUB_OFFLINE=1); give a local directory instead: "
                 f"model.name_or_path=/path/to/model") from None
-        raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}") from None
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {type(err).__name__}: {err}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

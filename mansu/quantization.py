@@ -254,12 +254,23 @@ def quantize_model(
             f"skip_modules={skip_modules}"
         )
     _refuse_miscomputed_shapes(quantized, targets, quant_type, blocksize)
+    _refuse_non_finite(quantized, targets)
     for name in targets:
         parent_name, _, child_name = name.rpartition(".")
         parent = quantized.get_submodule(parent_name)
         linear = getattr(parent, child_name)
         setattr(parent, child_name, _bnb_linear(linear, quant_type, blocksize, double_quant))
     return quantized
+
+
+def _refuse_non_finite(model: nn.Module, targets: list[str]) -> None:
+    """A NaN or ±inf weight would silently turn its whole block's absmax, hence every weight of the
+    block, into NaN/inf; refuse it by name instead."""
+    for name in targets:
+        weight = model.get_submodule(name).weight.detach()
+        if not torch.isfinite(weight).all():
+            bad = int((~torch.isfinite(weight)).sum())
+            raise ValueError(f"{name}.weight holds {bad} NaN/inf value(s): refusing to quantize it")
 
 
 def _refuse_miscomputed_shapes(model: nn.Module, targets: list[str], quant_type: str,

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -26,6 +27,40 @@ def atomic_write_json(path: str | Path, obj) -> Path:
             json.dump(obj, f, indent=2, default=_jsonable)
             f.flush()
             os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_failure_record(path: Path, record: dict, reserve: Path | None = None) -> str:
+    """Write a failed run's record whatever the disk says: on a full disk, free the run's reserve
+    and write it without its traceback; if even that fails, print it to stderr. Returns where it went."""
+    try:
+        return str(atomic_write_json(path, record))
+    except OSError:
+        if reserve is not None:
+            reserve.unlink(missing_ok=True)
+    slim = {k: v for k, v in record.items() if k not in ("traceback", "environment")}
+    try:
+        return str(atomic_write_json(path, slim))
+    except OSError as err:
+        print(f"mansu: cannot write {path} ({err.strerror}); the record follows on one line",
+              file=sys.stderr)
+        print(json.dumps(slim, default=_jsonable), file=sys.stderr)
+        return "stderr"
+
+
+def atomic_save_tensors(path: Path, tensors: dict) -> Path:
+    """safetensors file written beside and renamed, like atomic_write_json: a file of its own, never a
+    link to a cache entry, so changing the cache never changes a finished run."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -9,6 +9,8 @@ stage results are cached by config (mansu.cache), so a sweep evaluates θ0 once 
 from __future__ import annotations
 
 import logging
+import secrets
+import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -19,22 +21,47 @@ from typing import Literal
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mansu.cache import StageCache, key_of
-from mansu.config import ConfigError, validate
+from mansu.config import ConfigError, validate, validate_top_level
 from mansu.context import RunContext
 from mansu.data import Benchmark, BenchmarkFileError
 from mansu.models import ModelLoadError
-from mansu.record import atomic_write_json, environment, paired_bootstrap, summary_table, verdicts
+from mansu.record import (
+    atomic_save_tensors,
+    atomic_write_json,
+    environment,
+    paired_bootstrap,
+    summary_table,
+    verdicts,
+    write_failure_record,
+)
+from mansu.safeguards import (
+    SetupError,
+    check_free_disk,
+    check_writable,
+    claim_run_dir,
+    quiet_log_file_errors,
+    release,
+    reserve_space,
+)
 from mansu.training import UnlearningDiverged
 
 log = logging.getLogger("mansu")
 
-# Errors whose message says everything: no traceback on the terminal for these.
-CLEAR_ERRORS = (ConfigError, BenchmarkFileError, ModelLoadError, UnlearningDiverged, ValueError)
+# Errors whose message says everything (names the key, file:line or folder): shown without their type.
+CLEAR_ERRORS = (ConfigError, BenchmarkFileError, ModelLoadError, UnlearningDiverged, SetupError,
+                ValueError)
+
+# A short id of this process, in the run and sweep folder names: two runs started in the same second
+# get folders of their own (conf/config.yaml: hydra.run.dir). Cached, so it resolves the same each time.
+RUN_ID = secrets.token_hex(3)
+OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, use_cache=True, replace=True)
 
 
 @dataclass
@@ -102,28 +129,106 @@ def main(cfg: DictConfig):
 
 def run_guarded(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> dict:
     """Run, and whatever happens leave a record: a failed job writes what it measured and why it
-    stopped; in a sweep the other jobs go on, alone it exits with one clear line."""
+    stopped (even on a full disk); in a sweep the other jobs go on, alone it exits with one clear
+    line. The traceback goes into the record, not onto the terminal."""
     record: dict = {"status": "running", "run_dir": str(run_dir)}
+    try:
+        claim_run_dir(run_dir)
+    except SetupError as err:  # the folder is another run's: write nothing into it
+        record.update(status="failed", error=f"SetupError: {err}")
+        if multirun:
+            log.error("%s", err)
+            return record
+        raise SystemExit(f"mansu: error: {err}") from None
+    quiet_log_file_errors()
+    reserve = reserve_space(run_dir)
     try:
         run(cfg, run_dir, record)
         return record
-    except Exception as err:  # a sweep must survive any one job's failure
+    except Exception as caught:  # a sweep must survive any one job's failure
+        err = root_cause(caught)
+        message = one_line(err)
         record.update(status=getattr(err, "status", "failed"),
                       error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
-        path = atomic_write_json(run_dir / "result.json", record)
-        if isinstance(err, CLEAR_ERRORS):
-            log.error("%s (record: %s)", err, path)
-        else:
-            log.exception("run failed (record: %s)", path)
+        path = write_failure_record(run_dir / "result.json", record, reserve)
         if multirun:
+            log.error("%s (record: %s)", message, path)
             return record
-        raise SystemExit(f"mansu: error: {err}") from None
+        raise SystemExit(f"mansu: error: {message} (record: {path})") from None
+    finally:
+        release(reserve)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """Hydra wraps a builder's error in InstantiationException; the builder's own error is the
+    clear one."""
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or "(no message)"
+    return text if isinstance(err, CLEAR_ERRORS) else f"{type(err).__name__}: {text}"
+
+
+class Safeguards(Callback):
+    """conf/config.yaml hydra.callbacks. Before Hydra writes anything: the output folder must be
+    writable (else one line, not Hydra's traceback). After a sweep: one line per job that did not
+    finish ok, and a non-zero exit when any did not: a sweep that lost jobs must not look like a
+    success."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self.check_output(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.check_output(config)
+
+    @staticmethod
+    def check_output(config: DictConfig) -> None:
+        try:
+            check_writable(Path(config.output_root), "output folder",
+                           "set output_root=... or MANSU_OUTPUTS to a writable folder")
+        except SetupError as err:
+            raise SystemExit(f"mansu: error: {err}") from None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sorted(p.parent for p in sweep_dir.glob("*/.hydra"))
+        problems = []
+        for job in jobs:
+            status, error = job_outcome(job)
+            if status != "ok":
+                problems.append(f"  {job.name}: {status}" + (f": {error}" if error else ""))
+        lines = [f"mansu: sweep {sweep_dir}: {len(jobs) - len(problems)} of {len(jobs)} jobs ok",
+                 *problems]
+        print("\n".join(lines), file=sys.stderr)
+        if problems:
+            raise SystemExit(1)
+
+
+def job_outcome(job_dir: Path) -> tuple[str, str]:
+    import json
+
+    path = job_dir / "result.json"
+    if not path.is_file():
+        return "no record", ""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return "unreadable record", str(err)
+    return str(record.get("status")), " ".join(str(record.get("error", "")).split())[:300]
 
 
 def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
+    validate_top_level(cfg)
     validate(cfg)
     settings: EvalSettings = instantiate(cfg.eval)
     ctx = make_context(cfg, run_dir)
+    check_writable(run_dir, "output folder", "set output_root=... or MANSU_OUTPUTS to a writable folder")
+    if settings.cache:
+        check_writable(ctx.cache_dir, "cache folder",
+                       "set cache_dir=... to a writable folder, or eval.cache=false")
     cache = StageCache(ctx.cache_dir, enabled=settings.cache)
     tracker = instantiate(cfg.logger)
     timings: dict[str, float] = {}
@@ -133,6 +238,9 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
 
     with stage("load"):
         benchmark, model, tokenizer = load(cfg, ctx)
+    # θu's changed tensors: at most every parameter, once in the cache and once in the run folder.
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    check_free_disk({run_dir: weights, **({ctx.cache_dir: weights} if settings.cache else {})})
     scoring = settings.scoring or benchmark.scoring
     ctx = RunContext(**{**asdict(ctx), "scoring": scoring})
     record["scoring"] = scoring
@@ -266,14 +374,11 @@ def quantize(model, cfg: DictConfig):
 
 def unlearn(model, tokenizer, benchmark: Benchmark, ctx: RunContext, cfg: DictConfig,
             cache: StageCache, key: str, theta0: dict) -> dict:
-    """Run the method, or reapply its cached parameter changes. The changed tensors are kept as
-    safetensors (cache and run dir): θu = θ0 with these tensors replaced."""
-    info_path = cache.path("unlearn", key, ".json")
-    if cache.enabled and info_path.is_file():
-        changed = cache.tensors("unlearn", key, dict)
-        model.load_state_dict({k: v.to(ctx.device) for k, v in changed.items()}, strict=False)
-        info = cache.json("unlearn", key, dict)
-    else:
+    """Run the method, or reapply its cached parameter changes (one cache entry: the method's info
+    and the changed tensors). θu = θ0 with these tensors replaced; the run folder gets its own copy
+    of them as unlearned.safetensors."""
+
+    def train() -> dict:
         method = instantiate(cfg.method)
         result = method(model, tokenizer, benchmark.forget, benchmark.retain, ctx)
         if result.model is not model:
@@ -281,25 +386,19 @@ def unlearn(model, tokenizer, benchmark: Benchmark, ctx: RunContext, cfg: DictCo
         # named_parameters lists a tied weight (embeddings = lm_head) once, as safetensors needs.
         changed = {name: t.detach().cpu() for name, t in model.named_parameters()
                    if not torch.equal(t.detach().cpu(), theta0[name])}
-        cache.tensors("unlearn", key, lambda: changed)
         info = {"steps": result.steps, "losses": [float(x) for x in result.losses],
                 "changed_tensors": sorted(changed), **result.info}
-        cache.json("unlearn", key, lambda: info)
-    link_or_copy(cache.path("unlearn", key, ".safetensors"), ctx.run_dir / "unlearned.safetensors")
-    return info
+        return {"info": info, "changed": changed}
 
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    import shutil
-
-    if not src.is_file():
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.unlink(missing_ok=True)
-    try:
-        dst.hardlink_to(src)
-    except OSError:
-        shutil.copy2(src, dst)
+    stored = cache.objects("unlearn", key, train)
+    changed = stored["changed"]
+    missing = set(stored["info"]["changed_tensors"]) ^ set(changed)
+    if missing:
+        raise RuntimeError(f"unlearn entry {cache.entry('unlearn', key)}: tensors {sorted(missing)} "
+                           f"do not match its list of changed tensors")
+    model.load_state_dict({k: v.to(ctx.device) for k, v in changed.items()}, strict=False)
+    atomic_save_tensors(ctx.run_dir / "unlearned.safetensors", changed)
+    return stored["info"]
 
 
 def attribution_items(questions: list, max_items: int | None, seed: int) -> list:

@@ -22,15 +22,27 @@ MARK = {True: "✓", False: "✗", None: "–"}
 
 
 def load_records(sweep_dir: Path) -> tuple[list[dict], list[str]]:
-    records, failed = [], []
-    for path in sorted(sweep_dir.rglob("result.json")):
-        record = json.loads(path.read_text())
-        if record.get("status") != "ok":
-            failed.append(f"{path.parent.name}: {record.get('status')}: {record.get('error', '')}")
+    """The finished records, and one line for every job folder without one: failed, unreadable, or
+    missing (a job killed before it could write, or never started)."""
+    records, skipped = [], []
+    job_dirs = {p.parent for pattern in (".hydra", "result.json") for p in sweep_dir.rglob(pattern)}
+    for job in sorted(job_dirs):
+        path = job / "result.json"
+        if not path.is_file():
+            skipped.append(f"{job.name}: no record ({path} is missing)")
             continue
-        record["_dir"] = path.parent
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            skipped.append(f"{job.name}: unreadable record {path}: {err}")
+            continue
+        if record.get("status") != "ok":
+            error = " ".join(str(record.get("error", "")).split())
+            skipped.append(f"{job.name}: {record.get('status')}: {error}")
+            continue
+        record["_dir"] = job
         records.append(record)
-    return records, failed
+    return records, skipped
 
 
 def row_of(record: dict) -> dict:
@@ -167,9 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"not a folder: {args.sweep_dir}")
-    records, failed = load_records(args.sweep_dir)
-    for line in failed:
-        print(f"skipped (not ok) {line}", file=sys.stderr)
+    records, skipped = load_records(args.sweep_dir)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    if skipped:
+        print(f"{len(skipped)} of {len(records) + len(skipped)} jobs have no finished record",
+              file=sys.stderr)
     if not records:
         print(f"no finished records under {args.sweep_dir}", file=sys.stderr)
         return 1
