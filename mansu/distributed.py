@@ -96,7 +96,7 @@ def unlearn_with_memory_options(method, model: nn.Module, tokenizer, forget, ret
     token = OPTIMIZER_KIND.set(kind)
     try:
         if checkpointing:  # non-reentrant: StorageAdamW's autograd.grad needs it
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if world > 1:
             result = _unlearn_sharded(method, model, tokenizer, forget, retain, ctx, checkpointing)
         else:
@@ -104,7 +104,7 @@ def unlearn_with_memory_options(method, model: nn.Module, tokenizer, forget, ret
     finally:
         OPTIMIZER_KIND.reset(token)
         if checkpointing:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
     result.info.update(optimizer=kind, gradient_checkpointing=checkpointing,
                        distributed=cfg.get("distributed", "none"), world_size=world)
     return result
@@ -125,7 +125,7 @@ def _unlearn_sharded(method, model, tokenizer, forget, retain, ctx, checkpointin
     _copy_buffers(sharded, buffers)
     del state
     if checkpointing:
-        sharded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        sharded.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     result = method(sharded, tokenizer, forget, retain, ctx)
     model.load_state_dict(gathered_state(result.model))
     del sharded, result.model

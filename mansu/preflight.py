@@ -39,7 +39,8 @@ from omegaconf import DictConfig, OmegaConf
 from mansu.config import ConfigError
 
 GIB = 2**30
-EVAL_TOKENS = 512        # tokens per evaluated question assumed for the evaluation stages
+EVAL_TOKENS = 256        # tokens per question assumed by the evaluation and attribution stages (a
+                         # WMDP/MMLU question with its choices; a few are longer: lower eval batch sizes)
 MANSU_MASK_SHARE = 0.01  # share of the quantized weights in MANSU's circuit mask (≈0.5% at 7-8B)
 PARAM_BYTES = {"fp32": 4, "bf16": 2, "bf16_master": 2}
 

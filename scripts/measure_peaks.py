@@ -77,7 +77,7 @@ def measure(overrides: list[str]) -> dict:
     ctx = RunContext(seed=0, storage=cfg.storage, device="cpu")
     model = model.to(ctx.param_dtype)
     if cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     before = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     forget, retain = Split([], texts[:32]), Split([], texts[32:])
     rss_before = rss_mib()
