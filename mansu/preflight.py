@@ -8,7 +8,8 @@ Model sizes come from the model config: the tiny model's own knobs, `model.archi
 numbers of the model's config.json, written into each conf/model/*.yaml so it works offline), or a
 local `config.json` when `model.name_or_path` is a directory. What is counted, per stage:
 - weights in the storage dtype (fp32: 4 bytes, bf16 / bf16_master: 2);
-- gradients of the trained parameters (same dtype; bf16_master adds their fp32 copies);
+- gradients of the trained parameters (same dtype; bf16_master adds their fp32 copies), which
+  form during backward as the activations are freed (so the two are not simply added);
 - optimizer state: AdamW's two moments in the stepped dtype (fp32 masters for bf16_master: +4
   bytes), or 1 byte each for bitsandbytes' 8-bit AdamW; on a GPU torch's foreach AdamW also
   allocates one temporary of the state's size at the step;
@@ -297,15 +298,19 @@ def training_parts(arch: Architecture, profile: TrainingProfile, storage: str, o
                                              checkpointing=checkpointing, sequence=length)
     if profile.ref_logits:
         act += tokens * arch.vocab_size * 4
-    # torch's foreach AdamW (the default on GPUs) holds one temporary of the state's size at the
-    # step, when the activations are already freed; on CPU it steps one tensor at a time.
-    step_temporary = (n * stepped if on_gpu and "8bit" not in optimizer else 0) / shards
+    # Gradients form during backward while the saved activations are freed: the peak is the
+    # activations plus the first gradients (lm_head), or all gradients plus one layer's
+    # activations, or, at the step, all gradients plus torch's foreach AdamW temporary of the
+    # state's size (the default on GPUs; on CPU it steps one tensor at a time).
+    layer_act = act / max(arch.num_layers, 1)
+    first_grads = min(n, arch.vocab_size * arch.hidden_size) * p
+    step_temporary = n * stepped if on_gpu and "8bit" not in optimizer else 0
+    backward = max(act + first_grads / shards, (grads + step_temporary) / shards + layer_act)
     layer = arch.layer_linear_parameters * p
     parts = {"weights": arch.parameters * p / shards,
-             "gradients": grads / shards,
              "optimizer state": (moments + master) / shards,
              "frozen reference": arch.parameters * p / shards if profile.reference else 0.0,
-             "activations": max(act, step_temporary)}
+             "gradients + activations (backward peak)": backward}
     if shards > 1:  # FSDP all-gathers one decoder layer while prefetching the next
         parts["FSDP gathered layers"] = 2 * max(layer, arch.vocab_size * arch.hidden_size * p)
     if profile.retain_grads:
