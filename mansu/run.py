@@ -31,7 +31,9 @@ from mansu.cache import StageCache, key_of
 from mansu.config import ConfigError, validate, validate_top_level
 from mansu.context import RunContext
 from mansu.data import Benchmark, BenchmarkFileError
+from mansu.distributed import init_distributed, memory_key, unlearn_with_memory_options
 from mansu.models import ModelLoadError
+from mansu.preflight import report as preflight_report
 from mansu.record import (
     atomic_save_tensors,
     atomic_write_json,
@@ -123,6 +125,8 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig):
+    if cfg.preflight:  # memory estimate from the config alone: nothing is loaded (mansu.preflight)
+        return print(preflight_report(cfg, HydraConfig.get().launcher))
     return run_guarded(cfg, Path(HydraConfig.get().runtime.output_dir),
                        multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
 
@@ -223,6 +227,7 @@ def job_outcome(job_dir: Path) -> tuple[str, str]:
 def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
     validate_top_level(cfg)
     validate(cfg)
+    init_distributed(cfg)
     settings: EvalSettings = instantiate(cfg.eval)
     ctx = make_context(cfg, run_dir)
     check_writable(run_dir, "output folder", "set output_root=... or MANSU_OUTPUTS to a writable folder")
@@ -267,7 +272,7 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
         record["metrics"]["circuit"] = theta0_attr["circuit"].to_json()
 
     theta0 = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
-    unlearn_key = key_of(model_key, cfg.method, ctx.seed)
+    unlearn_key = key_of(model_key, cfg.method, ctx.seed, *memory_key(cfg))
     with stage("unlearn"):
         record["metrics"]["unlearning"] = unlearn(model, tokenizer, benchmark, ctx, cfg, cache,
                                                   unlearn_key, theta0)
@@ -380,7 +385,8 @@ def unlearn(model, tokenizer, benchmark: Benchmark, ctx: RunContext, cfg: DictCo
 
     def train() -> dict:
         method = instantiate(cfg.method)
-        result = method(model, tokenizer, benchmark.forget, benchmark.retain, ctx)
+        result = unlearn_with_memory_options(method, model, tokenizer, benchmark.forget,
+                                             benchmark.retain, ctx, cfg)
         if result.model is not model:
             model.load_state_dict(result.model.state_dict())
         # named_parameters lists a tied weight (embeddings = lm_head) once, as safetensors needs.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -228,8 +229,37 @@ def trainable_parameters(model: nn.Module, *, train_embeddings: bool = True
             if p.requires_grad and id(p) not in excluded]
 
 
+# The run's `optimizer` config key. The launcher sets it around the method call
+# (mansu.distributed.unlearn_with_memory_options), so every method's StorageAdamW follows it
+# without each method passing it along.
+OPTIMIZER_KIND: ContextVar[str] = ContextVar("mansu_optimizer_kind", default="adamw")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw")
+
+
+def make_adamw(kind: str, params: Sequence[torch.Tensor], **kwargs) -> torch.optim.Optimizer:
+    """torch's AdamW, or bitsandbytes' 8-bit (moments as blockwise-quantized uint8) and paged
+    (state in CUDA unified memory, evicted to the host under pressure) variants."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+    import bitsandbytes as bnb
+
+    classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+               "paged_adamw": bnb.optim.PagedAdamW}
+    return classes[kind](params, **kwargs)
+
+
+def is_sharded(params: Sequence[torch.Tensor]) -> bool:
+    """Whether the parameters are FSDP2 shards (DTensors), see mansu.distributed."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in params)
+
+
 class StorageAdamW:
-    """AdamW over `params`, stepping them the way `storage` says (see the module docstring).
+    """AdamW over `params`, stepping them the way `storage` says (see the module docstring);
+    `kind` (default: the run's `optimizer` key) picks torch's AdamW or a bitsandbytes one.
 
     ``step(update_masks)`` keeps the update only where a mask is True: the gradient is zeroed
     elsewhere *and* the stepped tensor is restored there after the step, so neither weight decay
@@ -238,7 +268,7 @@ class StorageAdamW:
 
     def __init__(self, params: Sequence[nn.Parameter], storage: str, *, lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, kind: str | None = None):
         self.params = list(params)
         if not self.params:
             raise ValueError("no parameters to optimize")
@@ -251,8 +281,10 @@ class StorageAdamW:
         # The tensors AdamW actually updates: the parameters, or their fp32 masters.
         self.stepped = ([p.detach().float().clone() for p in self.params]
                         if storage == "bf16_master" else self.params)
-        self.optimizer = torch.optim.AdamW(self.stepped, lr=lr, betas=betas, eps=eps,
-                                           weight_decay=weight_decay)
+        self.kind = kind or OPTIMIZER_KIND.get()
+        self.sharded = is_sharded(self.params)
+        self.optimizer = make_adamw(self.kind, self.stepped, lr=lr, betas=betas, eps=eps,
+                                    weight_decay=weight_decay)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -260,7 +292,11 @@ class StorageAdamW:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Add d loss/d p to p.grad for the optimized parameters only: the rest of the model
-        gets no gradient computed and no stray .grad left behind."""
+        gets no gradient computed and no stray .grad left behind. FSDP-sharded parameters need
+        loss.backward(): FSDP reduce-scatters the gradients into their shards in its hooks."""
+        if self.sharded:
+            loss.backward()
+            return
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         for p, g in zip(self.params, grads):
             if g is not None:
@@ -289,7 +325,12 @@ class StorageAdamW:
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """A reference copy of θ0 for NPO/KL/RMU: eval mode, no grads; call it under no_grad."""
+    """A reference copy of θ0 for NPO/KL/RMU: eval mode, no grads; call it under no_grad.
+    An FSDP-sharded model gets a reference sharded the same way (FSDP forbids deepcopy)."""
+    if is_sharded(list(model.parameters())):
+        from mansu.distributed import sharded_frozen_copy
+
+        return sharded_frozen_copy(model)
     reference = copy.deepcopy(model)
     reference.eval()
     reference.requires_grad_(False)
