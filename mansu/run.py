@@ -78,6 +78,7 @@ class EvalSettings:
     first_order: bool = True            # first-order split of the forget-loss change under Q
     other_formats: list[str] | None = None  # PTQ gaps under further formats, e.g. [fp4, int8]
     cache: bool = True                  # reuse stage results keyed by config
+    cad: bool = True                    # CAD of θu and Q(θu) when the attribution stage runs
     min_forgetting: float = 0.10
     max_retain_drop: float = 0.03
     max_ptq_gap: float = 0.0
@@ -290,7 +291,7 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
             iters=settings.bootstrap_iters, seed=ctx.seed)
         reversal_stages(record["metrics"], stage, model, qmodel, theta0, tokenizer, benchmark,
                         scoring, settings, ctx, cfg)
-    if attribution.enabled:
+    if attribution.enabled and settings.cad:
         with stage("cad"):
             record["metrics"]["cad"] = circuit_divergence(
                 model, qmodel if quantized else None, tokenizer, theta0_attr, attribution,
