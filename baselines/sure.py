@@ -1,15 +1,29 @@
-"""SURE (Zhang et al., ICLR 2025, "Catastrophic failure of LLM unlearning via quantization"):
-saliency-restricted unlearning with a larger learning rate. Each step computes the forget
-gradient, keeps only the weight rows whose gradient L2 norm reaches the `percentile`-th
-percentile of all rows' norms (pooled over every trained matrix), and updates those rows alone:
-the optimizer update, not only the gradient, is masked, so weight decay and Adam's momentum
-never move an unselected row. Loss: −NLL(forget) + retain_alpha·NLL(retain) (GradDiff; 0 gives
-plain GA); the saliency comes from the forget term alone. Trained: every 2-D weight (embeddings
-too unless train_embeddings=false); 1-D parameters (norm gains, biases) have no rows and stay.
+"""SURE (Zhang et al., ICLR 2025, "Catastrophic failure of LLM unlearning via quantization";
+reference code zzwjames/FailureLLMUnlearning, baselines/baselines/iterative.py, class SURE).
+Each step computes the forget gradient and selects the "salient" units whose gradient norm reaches
+the `percentile`-th percentile of all units' norms: a unit is a row (dim 0) of a ≥2-D weight, and
+with pool_1d every single entry of a 1-D parameter (norm gains, biases) is a unit of its own,
+pooled into the same percentile. Loss: −NLL(forget) + retain_alpha·NLL(retain) (GradDiff; 0 gives
+plain GA); the saliency comes from the forget term alone.
+
+Two ways to restrict the step (``mask``):
+- ``gradient`` (the reference, the default ``sure``): the gradient is multiplied by the mask
+  (its ``grad.mul_(mask)``) before an ordinary AdamW step, so an unselected row still moves by its
+  Adam momentum from earlier steps and by weight decay.
+- ``update`` (``sure_update_mask``, this project's earlier SURE): the optimizer's update itself is
+  masked, so nothing moves an unselected row.
+
+Reference settings (its it_unlearn defaults and scripts): percentile 90, lr 1e-5 (its scripts;
+1e-4 in its learning-rate sweep), HF TrainingArguments' default weight decay 0, every parameter
+trained. Two things of the reference are not reproduced: it backpropagates the forget loss twice
+(once for the saliency, once in the Trainer's step), i.e. steps on 2·∇F + α·∇R, which under Adam
+equals ∇F + (α/2)·∇R; and Hugging Face's Trainer clips the gradient norm to 1.
 A row is dim 0 of the stored weight: an output unit of nn.Linear (GPT-2's Conv1D stores [in, out],
 so there it is an input unit)."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -29,18 +43,21 @@ from mansu.training import (
 
 
 def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
-            lr: float = 1e-4, max_steps: int = 100, batch_size: int = 4,
-            percentile: float = 90.0, retain_alpha: float = 1.0, weight_decay: float = 0.01,
+            mask: Literal["gradient", "update"] = "gradient", pool_1d: bool = True,
+            lr: float = 1e-5, max_steps: int = 100, batch_size: int = 4,
+            percentile: float = 90.0, retain_alpha: float = 1.0, weight_decay: float = 0.0,
             max_length: int = 512, train_embeddings: bool = True,
             stop_forget_acc: float | None = None, eval_every: int = 10) -> UnlearnResult:
     check_common_knobs("sure", forget, lr=lr, max_steps=max_steps, batch_size=batch_size,
                        stop_forget_acc=stop_forget_acc, eval_every=eval_every)
+    require(mask in ("gradient", "update"),
+            f"sure: mask must be 'gradient' or 'update', got {mask!r}")
     require(0 < percentile < 100, f"sure: percentile must be in (0, 100), got {percentile}")
     require(retain_alpha >= 0, f"sure: retain_alpha must be >= 0, got {retain_alpha}")
     require(retain_alpha == 0 or len(retain.corpus) > 0,
             "sure: retain_alpha > 0 needs a retain corpus, and it is empty")
     params = [p for _, p in trainable_parameters(model, train_embeddings=train_embeddings)
-              if p.dim() == 2]
+              if p.dim() >= 2 or pool_1d]
     optimizer = StorageAdamW(params, ctx.storage, lr=lr, weight_decay=weight_decay)
     batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length}
     forget_batches = text_batches(tokenizer, forget.corpus, seed=ctx.seed, **batching)
@@ -52,27 +69,52 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
     def closure():
         forget_loss = ga_loss(mean_nll(model, next(forget_batches)))
         optimizer.backward(forget_loss)
-        selected[:] = salient_rows(params, percentile)
-        selected_share.append(torch.cat([m.flatten() for m in selected]).float().mean().item())
+        selected[:] = salient_units(params, percentile)
+        selected_share.append(torch.cat([m.expand_as(p).flatten() for m, p in
+                                         zip(selected, params)]).float().mean().item())
         loss = forget_loss.detach()
         if retain_batches is not None:
             retain_loss = retain_alpha * mean_nll(model, next(retain_batches))
             optimizer.backward(retain_loss)
             loss = loss + retain_loss.detach()
+        if mask == "gradient":
+            for p, keep in zip(params, selected):
+                if p.grad is not None:
+                    p.grad = p.grad * keep  # out of place: autograd may hand back a view
         return loss
 
     result = run_unlearning(model, tokenizer, forget, ctx, optimizer, closure,
                             max_steps=max_steps, stop_forget_acc=stop_forget_acc,
-                            eval_every=eval_every, update_masks=lambda: selected)
-    result.info["selected_row_share_mean"] = sum(selected_share) / len(selected_share)
+                            eval_every=eval_every,
+                            update_masks=(lambda: selected) if mask == "update" else None,
+                            info={"mask": mask})
+    result.info["selected_share_mean"] = sum(selected_share) / len(selected_share)
     return result
 
 
-def salient_rows(params: list[torch.nn.Parameter], percentile: float) -> list[torch.Tensor]:
-    """Per matrix, a [rows, 1] mask of the rows whose gradient L2 norm is at least the
-    `percentile`-th percentile of all rows' norms; a row with zero gradient is never salient."""
-    norms = [torch.zeros(p.shape[0], device=p.device) if p.grad is None
-             else torch.linalg.vector_norm(p.grad, dim=1, dtype=torch.float32) for p in params]
+def salient_units(params: list[torch.nn.Parameter], percentile: float) -> list[torch.Tensor]:
+    """Per parameter, a mask broadcastable to it ([rows, 1, ...] for ≥2-D, [n] for 1-D) of the
+    units whose gradient L2 norm (|g| for a 1-D entry) is at least the `percentile`-th percentile
+    of all units' norms, pooled over every parameter; a unit with zero gradient is never salient."""
+    norms = []
+    for p in params:
+        if p.grad is None:
+            norms.append(torch.zeros(p.shape[0], device=p.device))
+        elif p.dim() == 1:
+            norms.append(p.grad.float().abs())
+        else:
+            norms.append(torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float32))
     pooled = torch.cat([n.to(norms[0].device) for n in norms])
-    threshold = torch.quantile(pooled, percentile / 100.0)
-    return [((n >= threshold.to(n.device)) & (n > 0)).unsqueeze(1) for n in norms]
+    threshold = _percentile(pooled, percentile)
+    return [((n >= threshold.to(n.device)) & (n > 0)).view(-1, *[1] * (p.dim() - 1))
+            for n, p in zip(norms, params)]
+
+
+def _percentile(values: torch.Tensor, percentile: float) -> torch.Tensor:
+    """numpy's default (linear) percentile, as the reference computes it; torch.quantile refuses
+    inputs above 2^24 entries, which a 7-8B model's rows and 1-D entries can exceed."""
+    ordered = values.sort().values
+    position = (ordered.numel() - 1) * percentile / 100.0
+    low = int(position)
+    high = min(low + 1, ordered.numel() - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

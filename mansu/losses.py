@@ -76,3 +76,39 @@ def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> 
         return squared.mean()
     weights = mask.to(squared.dtype).unsqueeze(-1)
     return (squared * weights).sum() / (weights.sum() * a.shape[-1])
+
+
+def _answer_logits(logits: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The next-token logits [B, T-1, V] (fp32), the scored targets' logits [B, T-1] and the
+    scored mask: position t predicts labels[:, t+1]; -100 labels are not scored."""
+    z = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    scored = targets != -100
+    answer = z.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return z, answer, scored
+
+
+def logit_drop_hinge(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+                     margin: float) -> torch.Tensor:
+    """QUAIL's logit-space hinge (Mishra & Mehreen 2026, arXiv 2601.15538, as its abstract
+    states it: the forget example's logits must differ from the original model's by at least a
+    margin). One-sided, on the scored forget tokens y_t:
+    L = mean_t relu(m − (z_ref[y_t] − z_θ[y_t])): zero once the answer's logit has fallen at least
+    m below θ0's, so a quantization error of the logits smaller than m cannot bring it back."""
+    _, answer, scored = _answer_logits(logits, labels)
+    _, ref_answer, _ = _answer_logits(ref_logits, labels)
+    hinge = torch.relu(margin - (ref_answer - answer)) * scored
+    return hinge.sum() / scored.sum()
+
+
+def alternative_margin_hinge(logits: torch.Tensor, labels: torch.Tensor,
+                             margin: float) -> torch.Tensor:
+    """The margin hinge against the alternatives: on each scored forget token y_t,
+    L = mean_t relu(m + z[y_t] − max_{v≠y_t} z[v]): zero once the answer's logit is at least m
+    below the best other token's, so a logit error smaller than m/2 per token cannot restore it."""
+    z, answer, scored = _answer_logits(logits, labels)
+    targets = labels[:, 1:].clamp_min(0).unsqueeze(-1)
+    best_other = z.scatter(-1, targets, float("-inf")).amax(-1)
+    hinge = torch.relu(margin + answer - best_other) * scored
+    return hinge.sum() / scored.sum()

@@ -35,7 +35,8 @@ from mansu.training import (
 )
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-METHODS = ("none", "ga", "graddiff", "npo", "simnpo", "rmu", "sure")
+# One module each; variants of a module (sure_update_mask) are composed by tests/test_config.py.
+METHODS = ("none", "ga", "graddiff", "npo", "simnpo", "rmu", "sure", "qat_nf4", "margin")
 
 FORGET = Split(
     questions=[MCQ("The Veltrax virus is carried by", ("ticks", "birds", "rats", "wind"), 0),
@@ -141,19 +142,26 @@ def test_rmu_defaults_for_gpt2_and_neox_naming():
         f"gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight" for i in (0, 1)]
 
 
-def test_sure_moves_only_the_selected_rows(monkeypatch):
-    model = tiny_llama()
-    trained = {n for n, p in model.named_parameters() if p.dim() == 2}
+def record_selections(monkeypatch, model) -> tuple[list, list]:
+    """Patch sure.salient_units to keep each step's masks and the weights it saw them on."""
     selections, states = [], []
-    real_salient_rows = sure.salient_rows
+    real_salient_units = sure.salient_units
 
     def recording(params, percentile):
-        states.append(snapshot(model))  # the weights as this step's selection finds them
-        selections.append(real_salient_rows(params, percentile))
+        states.append(snapshot(model))
+        selections.append(real_salient_units(params, percentile))
         return selections[-1]
 
-    monkeypatch.setattr(sure, "salient_rows", recording)
-    run("sure", model, lr=1e-2, max_steps=2, percentile=90.0, weight_decay=0.1)
+    monkeypatch.setattr(sure, "salient_units", recording)
+    return selections, states
+
+
+def test_sure_update_mask_moves_only_the_selected_rows(monkeypatch):
+    model = tiny_llama()
+    trained = {n for n, p in model.named_parameters() if p.dim() == 2}
+    selections, states = record_selections(monkeypatch, model)
+    run("sure", model, mask="update", pool_1d=False, lr=1e-2, max_steps=2, percentile=90.0,
+        weight_decay=0.1)
     states.append(snapshot(model))
     names = [n for n, p in model.named_parameters() if n in trained]  # optimizer order
     for step, masks in enumerate(selections):
@@ -166,6 +174,29 @@ def test_sure_moves_only_the_selected_rows(monkeypatch):
         total = sum(m.shape[0] for m in masks)
         assert 0 < kept <= 0.11 * total  # about the top 10% of rows moved
     assert changed(states[0], model) <= trained  # 1-D norm gains are never trained
+
+
+def test_sure_masks_the_gradient_only_so_adam_momentum_moves_unselected_rows(monkeypatch):
+    # The reference's grad.mul_(mask): a row selected at step 1 and not at step 2 has no gradient
+    # at step 2, yet Adam's first moment from step 1 moves it; a row never selected never moves
+    # (zero moments, no weight decay). 1-D entries are ranked in the same percentile.
+    model = tiny_llama()
+    selections, states = record_selections(monkeypatch, model)
+    run("sure", model, lr=1e-2, max_steps=2, percentile=90.0)
+    states.append(snapshot(model))
+    names = [n for n, _ in model.named_parameters()]  # every parameter is trained (pool_1d)
+    assert len(selections[0]) == len(names)
+    units = sum(m.shape[0] for m in selections[0])
+    assert 0 < sum(int(m.sum()) for m in selections[0]) <= 0.11 * units
+    drifted = 0
+    for name, first, second in zip(names, *selections):
+        first, second = first.reshape(first.shape[0]), second.reshape(second.shape[0])
+        step2 = states[2][name] != states[1][name]
+        moved = step2.reshape(step2.shape[0], -1).any(1)
+        never = ~first & ~second
+        assert not moved[never].any(), name
+        drifted += int(moved[first & ~second].sum())
+    assert drifted > 0
 
 
 # ---------------------------------------------------------------------------------------------

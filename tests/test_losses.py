@@ -7,7 +7,16 @@ import math
 import torch
 from torch.testing import assert_close
 
-from mansu.losses import ga_loss, graddiff_loss, kl_retain, npo_loss, rmu_loss, simnpo_loss
+from mansu.losses import (
+    alternative_margin_hinge,
+    ga_loss,
+    graddiff_loss,
+    kl_retain,
+    logit_drop_hinge,
+    npo_loss,
+    rmu_loss,
+    simnpo_loss,
+)
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
@@ -96,4 +105,28 @@ def test_rmu_by_hand():
     assert_close(rmu_loss(h_forget, control, h_retain, h_retain_ref, alpha=2.0,
                           forget_mask=torch.tensor([[1, 1]]),
                           retain_mask=torch.tensor([[1, 0]])),
+                 torch.tensor(1.5))
+
+
+def test_logit_drop_hinge_by_hand():
+    # Vocab 3, one sequence of 3 tokens [0, 1, 2]: positions 0 and 1 predict tokens 1 and 2.
+    # θ0's answer logits: 2.0 (token 1 at pos 0) and 1.0 (token 2 at pos 1); θ's: 1.5 and -1.0.
+    # Drops 0.5 and 2.0; margin 1: relu(1 − 0.5) = 0.5, relu(1 − 2) = 0 -> mean 0.25.
+    labels = torch.tensor([[0, 1, 2]])
+    ref = torch.tensor([[[0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [9.0, 9.0, 9.0]]])
+    theta = torch.tensor([[[0.0, 1.5, 0.0], [0.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])
+    assert_close(logit_drop_hinge(theta, ref, labels, 1.0), torch.tensor(0.25))
+    # Position 1 unscored: only the 0.5 term is left.
+    assert_close(logit_drop_hinge(theta, ref, torch.tensor([[0, 1, -100]]), 1.0), torch.tensor(0.5))
+    # θ = θ0: every term is the margin itself.
+    assert_close(logit_drop_hinge(ref, ref, labels, 0.3), torch.tensor(0.3))
+
+
+def test_alternative_margin_hinge_by_hand():
+    # Pos 0 predicts token 1: z = (0, 2, 1), best other 1 -> relu(0.5 + 2 − 1) = 1.5.
+    # Pos 1 predicts token 2: z = (3, 0, -1), best other 3 -> relu(0.5 − 1 − 3) = 0.
+    labels = torch.tensor([[0, 1, 2]])
+    logits = torch.tensor([[[0.0, 2.0, 1.0], [3.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])
+    assert_close(alternative_margin_hinge(logits, labels, 0.5), torch.tensor(0.75))
+    assert_close(alternative_margin_hinge(logits, torch.tensor([[0, 1, -100]]), 0.5),
                  torch.tensor(1.5))

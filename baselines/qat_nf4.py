@@ -1,0 +1,126 @@
+"""Straight-through quantization-aware unlearning (the SAF method of "DurableUn", arXiv 2605.02196):
+the forget and retain losses are those of Q(θ), the model with every quantized Linear weight
+replaced by its bitsandbytes NF4 value, and the gradient passes the rounding as the identity
+(straight-through estimator), so the fp weights θ are trained for what NF4 will make of them.
+
+L = F(Q(θ)) + alpha·NLL_retain(Q(θ)), F = −NLL(forget) (``ga``) or NPO against Q(θ0) (``npo``,
+frozen, so its step-1 log-ratio is 0). Q is mansu.quantization.reference_nf4 (bit for bit
+bitsandbytes' CPU quantize + dequantize, from the weight as stored: bf16 weights are quantized from
+bf16), with the quantizer's blocksize and skip_modules; Q(θ) is computed once per step and shared
+by the forget and retain forwards. Parameters are stepped in ``ctx.storage`` like every baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from mansu.context import RunContext
+from mansu.data import Split
+from mansu.losses import ga_loss, npo_loss
+from mansu.quantization import _is_skipped, reference_nf4
+from mansu.training import (
+    StorageAdamW,
+    UnlearnResult,
+    check_common_knobs,
+    frozen_copy,
+    mean_nll,
+    require,
+    run_unlearning,
+    sequence_logprobs,
+    text_batches,
+    trainable_parameters,
+)
+
+
+def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
+            forget_loss: Literal["ga", "npo"] = "ga", beta: float = 0.1,
+            retain_loss: Literal["none", "nll"] = "nll", alpha: float = 1.0,
+            lr: float = 1e-5, max_steps: int = 100, batch_size: int = 4,
+            weight_decay: float = 0.01, max_length: int = 512, train_embeddings: bool = True,
+            blocksize: int = 64, skip_modules: tuple[str, ...] = ("lm_head",),
+            stop_forget_acc: float | None = None, eval_every: int = 10) -> UnlearnResult:
+    check_common_knobs("qat_nf4", forget, lr=lr, max_steps=max_steps, batch_size=batch_size,
+                       stop_forget_acc=stop_forget_acc, eval_every=eval_every)
+    require(forget_loss in ("ga", "npo"),
+            f"qat_nf4: forget_loss must be 'ga' or 'npo', got {forget_loss!r}")
+    require(retain_loss in ("none", "nll"),
+            f"qat_nf4: retain_loss must be 'none' or 'nll', got {retain_loss!r}")
+    require(beta > 0, f"qat_nf4: beta must be > 0, got {beta}")
+    require(alpha >= 0, f"qat_nf4: alpha must be >= 0, got {alpha}")
+    require(blocksize >= 2, f"qat_nf4: blocksize must be >= 2, got {blocksize}")
+    require(retain_loss == "none" or len(retain.corpus) > 0,
+            f"qat_nf4: retain_loss={retain_loss!r} needs a retain corpus, and it is empty")
+    names = quantized_weight_names(model, tuple(skip_modules))
+    params = [p for _, p in trainable_parameters(model, train_embeddings=train_embeddings)]
+    optimizer = StorageAdamW(params, ctx.storage, lr=lr, weight_decay=weight_decay)
+    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length}
+    forget_batches = text_batches(tokenizer, forget.corpus, seed=ctx.seed, **batching)
+    retain_batches = (text_batches(tokenizer, retain.corpus, seed=ctx.seed + 1, **batching)
+                      if retain_loss == "nll" else None)
+    reference = None
+    if forget_loss == "npo":
+        with torch.no_grad():
+            reference = QuantizedForward(frozen_copy(model), names, blocksize)
+
+    def closure():
+        quantized = QuantizedForward(model, names, blocksize)
+        batch = next(forget_batches)
+        if reference is None:
+            loss = ga_loss(mean_nll(quantized, batch))
+        else:
+            with torch.no_grad():
+                logp_ref = sequence_logprobs(reference, batch)
+            loss = npo_loss(sequence_logprobs(quantized, batch), logp_ref, beta)
+        if retain_batches is not None:
+            loss = loss + alpha * mean_nll(quantized, next(retain_batches))
+        optimizer.backward(loss)
+        return loss.detach()
+
+    return run_unlearning(model, tokenizer, forget, ctx, optimizer, closure, max_steps=max_steps,
+                          stop_forget_acc=stop_forget_acc, eval_every=eval_every,
+                          info={"fake_quantized_tensors": len(names), "blocksize": blocksize})
+
+
+class _StraightThroughNF4(torch.autograd.Function):
+    """Forward: bitsandbytes' NF4 quantize + dequantize of the weight as stored, in its dtype.
+    Backward: the identity, since the rounding's true derivative is zero almost everywhere."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, blocksize: int) -> torch.Tensor:
+        return reference_nf4(weight, blocksize, dtype=weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def fake_nf4(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """Q(weight) in the forward, identity gradient (straight-through)."""
+    return _StraightThroughNF4.apply(weight, blocksize)
+
+
+def quantized_weight_names(model: nn.Module, skip_modules: Sequence[str]) -> list[str]:
+    """The weights quantize_model turns into NF4: every nn.Linear outside skip_modules."""
+    names = [f"{name}.weight" for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and not _is_skipped(name, tuple(skip_modules))]
+    require(len(names) > 0, f"qat_nf4: {type(model).__name__} has no nn.Linear outside "
+                            f"skip_modules={list(skip_modules)}; nothing to fake-quantize")
+    return names
+
+
+class QuantizedForward:
+    """Calls `model` with the named weights replaced by fake_nf4 of their current values, which
+    are computed once, here; gradients reach the model's own parameters through the STE."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], blocksize: int):
+        self.model = model
+        params = dict(model.named_parameters())
+        self.weights = {name: fake_nf4(params[name], blocksize) for name in names}
+
+    def __call__(self, **inputs):
+        return functional_call(self.model, self.weights, args=(), kwargs=inputs)
