@@ -37,7 +37,7 @@ from mansu.training import (
     mean_nll,
     require,
     run_unlearning,
-    text_batches,
+    split_batches,
     trainable_parameters,
 )
 
@@ -46,7 +46,8 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
             hinge: Literal["reference", "alternatives"] = "reference",
             margin: float | None = None, hinge_weight: float = 1.0, ga_weight: float = 1.0,
             alpha: float = 1.0, lr: float = 1e-5, max_steps: int = 100, batch_size: int = 4,
-            weight_decay: float = 0.01, max_length: int = 512, train_embeddings: bool = True,
+            weight_decay: float = 0.01, max_length: int = 512,
+            loss_tokens: Literal["answer", "all"] = "answer", train_embeddings: bool = True,
             blocksize: int = 64, skip_modules: tuple[str, ...] = ("lm_head",),
             stop_forget_acc: float | None = None, eval_every: int = 10) -> UnlearnResult:
     check_common_knobs("margin", forget, lr=lr, max_steps=max_steps, batch_size=batch_size,
@@ -60,18 +61,19 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
     require(alpha == 0 or len(retain.corpus) > 0,
             "margin: alpha > 0 needs a retain corpus, and it is empty")
     reference = frozen_copy(model)
-    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length}
+    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length,
+                "loss_tokens": loss_tokens}
     if margin is None:
         margin = quantization_logit_error(
-            reference, text_batches(tokenizer, forget.corpus, seed=ctx.seed, **batching),
+            reference, split_batches(tokenizer, forget, seed=ctx.seed, **batching),
             count=-(-len(forget.corpus) // batch_size), blocksize=blocksize,
             skip_modules=skip_modules)
         require(margin > 0, "margin: NF4 leaves θ0's forget logits unchanged, so the measured "
                             "margin is 0; set method.margin to a number")
     params = [p for _, p in trainable_parameters(model, train_embeddings=train_embeddings)]
     optimizer = StorageAdamW(params, ctx.storage, lr=lr, weight_decay=weight_decay)
-    forget_batches = text_batches(tokenizer, forget.corpus, seed=ctx.seed, **batching)
-    retain_batches = (text_batches(tokenizer, retain.corpus, seed=ctx.seed + 1, **batching)
+    forget_batches = split_batches(tokenizer, forget, seed=ctx.seed, **batching)
+    retain_batches = (split_batches(tokenizer, retain, seed=ctx.seed + 1, **batching)
                       if alpha > 0 else None)
 
     def closure():
@@ -93,7 +95,7 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
 
     return run_unlearning(model, tokenizer, forget, ctx, optimizer, closure, max_steps=max_steps,
                           stop_forget_acc=stop_forget_acc, eval_every=eval_every,
-                          info={"margin": margin, "hinge": hinge})
+                          info={"margin": margin, "hinge": hinge, "loss_tokens": loss_tokens})
 
 
 def _mean_nll_of_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

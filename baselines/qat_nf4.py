@@ -32,7 +32,7 @@ from mansu.training import (
     require,
     run_unlearning,
     sequence_logprobs,
-    text_batches,
+    split_batches,
     trainable_parameters,
 )
 
@@ -41,7 +41,8 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
             forget_loss: Literal["ga", "npo"] = "ga", beta: float = 0.1,
             retain_loss: Literal["none", "nll"] = "nll", alpha: float = 1.0,
             lr: float = 1e-5, max_steps: int = 100, batch_size: int = 4,
-            weight_decay: float = 0.01, max_length: int = 512, train_embeddings: bool = True,
+            weight_decay: float = 0.01, max_length: int = 512,
+            loss_tokens: Literal["answer", "all"] = "answer", train_embeddings: bool = True,
             blocksize: int = 64, skip_modules: tuple[str, ...] = ("lm_head",),
             stop_forget_acc: float | None = None, eval_every: int = 10) -> UnlearnResult:
     check_common_knobs("qat_nf4", forget, lr=lr, max_steps=max_steps, batch_size=batch_size,
@@ -58,9 +59,10 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
     names = quantized_weight_names(model, tuple(skip_modules))
     params = [p for _, p in trainable_parameters(model, train_embeddings=train_embeddings)]
     optimizer = StorageAdamW(params, ctx.storage, lr=lr, weight_decay=weight_decay)
-    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length}
-    forget_batches = text_batches(tokenizer, forget.corpus, seed=ctx.seed, **batching)
-    retain_batches = (text_batches(tokenizer, retain.corpus, seed=ctx.seed + 1, **batching)
+    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length,
+                "loss_tokens": loss_tokens}
+    forget_batches = split_batches(tokenizer, forget, seed=ctx.seed, **batching)
+    retain_batches = (split_batches(tokenizer, retain, seed=ctx.seed + 1, **batching)
                       if retain_loss == "nll" else None)
     reference = None
     if forget_loss == "npo":
@@ -83,7 +85,8 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
 
     return run_unlearning(model, tokenizer, forget, ctx, optimizer, closure, max_steps=max_steps,
                           stop_forget_acc=stop_forget_acc, eval_every=eval_every,
-                          info={"fake_quantized_tensors": len(names), "blocksize": blocksize})
+                          info={"fake_quantized_tensors": len(names), "blocksize": blocksize,
+                                "loss_tokens": loss_tokens})
 
 
 class _StraightThroughNF4(torch.autograd.Function):

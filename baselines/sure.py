@@ -37,7 +37,7 @@ from mansu.training import (
     mean_nll,
     require,
     run_unlearning,
-    text_batches,
+    split_batches,
     trainable_parameters,
 )
 
@@ -46,7 +46,8 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
             mask: Literal["gradient", "update"] = "gradient", pool_1d: bool = True,
             lr: float = 1e-5, max_steps: int = 100, batch_size: int = 4,
             percentile: float = 90.0, retain_alpha: float = 1.0, weight_decay: float = 0.0,
-            max_length: int = 512, train_embeddings: bool = True,
+            max_length: int = 512,
+            loss_tokens: Literal["answer", "all"] = "answer", train_embeddings: bool = True,
             stop_forget_acc: float | None = None, eval_every: int = 10) -> UnlearnResult:
     check_common_knobs("sure", forget, lr=lr, max_steps=max_steps, batch_size=batch_size,
                        stop_forget_acc=stop_forget_acc, eval_every=eval_every)
@@ -59,9 +60,10 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
     params = [p for _, p in trainable_parameters(model, train_embeddings=train_embeddings)
               if p.dim() >= 2 or pool_1d]
     optimizer = StorageAdamW(params, ctx.storage, lr=lr, weight_decay=weight_decay)
-    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length}
-    forget_batches = text_batches(tokenizer, forget.corpus, seed=ctx.seed, **batching)
-    retain_batches = (text_batches(tokenizer, retain.corpus, seed=ctx.seed + 1, **batching)
+    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length,
+                "loss_tokens": loss_tokens}
+    forget_batches = split_batches(tokenizer, forget, seed=ctx.seed, **batching)
+    retain_batches = (split_batches(tokenizer, retain, seed=ctx.seed + 1, **batching)
                       if retain_alpha > 0 else None)
     selected: list[torch.Tensor] = []
     selected_share: list[float] = []
@@ -87,7 +89,7 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
                             max_steps=max_steps, stop_forget_acc=stop_forget_acc,
                             eval_every=eval_every,
                             update_masks=(lambda: selected) if mask == "update" else None,
-                            info={"mask": mask})
+                            info={"mask": mask, "loss_tokens": loss_tokens})
     result.info["selected_share_mean"] = sum(selected_share) / len(selected_share)
     return result
 
