@@ -8,8 +8,9 @@ on what will actually be written (the floored displacement δ_i = target_i − �
 
 1. an order over the candidate entries: ``floor_mode: knapsack`` ranks them by forget gain per
    retain cost, gain_i = g_f,i δ_i (first-order increase of the forget NLL; g_f at θ0 on the
-   forget answers) and cost_i = ḡ_i δ_i + ½ F_i δ_i² (retain.RetainCost), free entries (cost ≤ 0)
-   first and entries without gain left out; the other modes rank by cost, cheapest first
+   forget answers) and cost_i = ½ F_i δ_i² (retain.RetainCost.curvature; the first-order term
+   ḡ_i δ_i is recorded, not ranked on: on a few dozen texts it is mostly noise), entries without
+   gain left out; the other modes rank by cost, cheapest first
    ("drop the costliest floored entries until it fits");
 2. the longest prefix of that order that fits ``retain_budget`` (nats per retain token):
    ``budget: diagonal`` by the summed predicted cost; ``budget: measured`` (default) by the

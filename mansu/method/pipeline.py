@@ -144,7 +144,7 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
     else:
         displaced, candidates = trained, moved
     delta = displaced - theta0
-    cost = cost_model.predict(delta)
+    cost = cost_model.curvature(delta)
     gain = gain_gradient * delta
     order = candidate_order(candidates, cost, gain if floor_mode == "knapsack" else None)
 
@@ -178,7 +178,7 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
     final = flat_values(masked)[1] - theta0
     fisher_after = mean_token_nll(model, texts.fisher, device)
     heldout_after = mean_token_nll(model, texts.heldout, device)
-    predicted = float(cost_model.predict(final).sum())
+    predicted = float(cost_model.curvature(final).sum())
     n_quantized = sum(linear.weight.numel() for linear in linears.values())
     result.info.update(
         method="mansu", forget_loss=forget_loss, loss_tokens=loss_tokens,
@@ -201,7 +201,7 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
             "predicted_increase": predicted if budget != "measured"
             else fisher_after - cost_model.nll,
             "predicted_diagonal": predicted,
-            "first_order_term": float(cost_model.gradient @ final),
+            "first_order_term": float(cost_model.first_order(final).sum()),
             "measured_fisher_texts": fisher_after - cost_model.nll,
             "measured_heldout": heldout_after - heldout_before,
             "measured_heldout_before_floor": heldout_trained - heldout_before,

@@ -96,9 +96,16 @@ class RetainCost:
     nll: float
     kind: str
 
-    def predict(self, delta: Tensor) -> Tensor:
-        """Per entry: ḡ_i δ_i + ½ F_i δ_i², the diagonal quadratic model of the loss change."""
-        return self.gradient * delta + 0.5 * self.fisher * delta.square()
+    def curvature(self, delta: Tensor) -> Tensor:
+        """Per entry: ½ F_i δ_i², the cost the budget ranks and sums."""
+        return 0.5 * self.fisher * delta.square()
+
+    def first_order(self, delta: Tensor) -> Tensor:
+        """Per entry: ḡ_i δ_i, recorded beside the curvature but not ranked on: estimated on a
+        few dozen texts it is mostly noise, and ranking on it picks the entries whose noise
+        happens to be negative (measured on SmolLM2's dev half: −4.5 nats predicted, +0.45 held
+        out)."""
+        return self.gradient * delta
 
 
 def retain_cost(model, texts: Sequence[Encoded], masked: Sequence[MaskedWeight], device, *,
