@@ -233,7 +233,8 @@ def _score_requests(
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in tqdm(batches, desc="scoring", disable=True if len(batches) < 2 else None):
+            for batch in tqdm(batches, desc="scoring", leave=False,
+                              disable=True if len(batches) < 2 else None):
                 inputs = _pack_rows([rows[r] for r in batch], [kept[r] for r in batch], pad_id)
                 logprobs = _kept_logprobs(model, *(t.to(device) for t in inputs),
                                           n_kept=sum(kept[r] for r in batch))

@@ -316,3 +316,29 @@ def dequantized_state(qmodel: nn.Module) -> dict[str, Tensor]:
                 module.weight.data, row_absmax
             )
     return state
+
+
+def materialize_4bit(qmodel: nn.Module) -> dict[str, Tensor]:
+    """Dequantize every CPU ``Linear4bit`` of ``qmodel`` once, in place: each becomes an
+    ``nn.Linear`` holding its dequantized weight in the layer's own dtype. Returns
+    ``dequantized_state(qmodel)`` as it was before the swap (float32), for the analyses to reuse.
+
+    bitsandbytes 0.50.2's CPU ``Linear4bit`` (without the AVX512-BF16 repack, which
+    ``quantize_model`` turns off) computes ``F.linear(x, dequantize_4bit(W, dtype=x.dtype), bias)``
+    at every call, i.e. it dequantizes all its weights for every batch; the swap gives bit-identical
+    outputs (tests/test_quantization.py) at the cost of an unquantized forward. GPU layers and
+    int8 layers (whose forward also quantizes the activations) are left as they are.
+    """
+    state = dequantized_state(qmodel)
+    for name, module in list(qmodel.named_modules()):
+        if not isinstance(module, Linear4bit) or module.weight.device.type != "cpu":
+            continue
+        dtype = module.weight.quant_state.dtype
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device="meta", dtype=dtype)
+        linear.weight = nn.Parameter(state[f"{name}.weight"].to(dtype), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = module.bias
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(qmodel.get_submodule(parent_name), child_name, linear.train(module.training))
+    return state

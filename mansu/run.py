@@ -128,6 +128,9 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def main(cfg: DictConfig):
     if cfg.preflight:  # memory estimate from the config alone: nothing is loaded (mansu.preflight)
         return print(preflight_report(cfg, HydraConfig.get().launcher))
+    from mansu.logs import route_library_output
+
+    route_library_output()
     return run_guarded(cfg, Path(HydraConfig.get().runtime.output_dir),
                        multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
 
@@ -261,7 +264,7 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
         with stage("quantize_theta0"):
             accuracy["q_theta0"] = cache.json(
                 "eval", key_of(model_key, cfg.quantizer, "q_theta0"),
-                lambda: evaluate(quantize(model, cfg), tokenizer, benchmark, scoring, settings))
+                lambda: evaluate(quantize(model, cfg)[0], tokenizer, benchmark, scoring, settings))
 
     attribution: AttributionSettings = instantiate(cfg.attribution)
     if attribution.enabled:
@@ -282,14 +285,14 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
             model, tokenizer, benchmark, scoring, settings))
     if quantized:
         with stage("quantize_thetau"):
-            qmodel = quantize(model, cfg)
+            qmodel, quantized_state = quantize(model, cfg)
             accuracy["q_thetau"] = cache.json(
                 "eval", key_of(unlearn_key, cfg.quantizer, "q_thetau"),
                 lambda: evaluate(qmodel, tokenizer, benchmark, scoring, settings))
         record["metrics"]["ptq_gap"] = paired_bootstrap(
             accuracy["thetau"]["forget"]["correct"], accuracy["q_thetau"]["forget"]["correct"],
             iters=settings.bootstrap_iters, seed=ctx.seed)
-        reversal_stages(record["metrics"], stage, model, qmodel, theta0, tokenizer, benchmark,
+        reversal_stages(record["metrics"], stage, model, quantized_state, theta0, tokenizer, benchmark,
                         scoring, settings, ctx, cfg)
     if attribution.enabled and settings.cad:
         with stage("cad"):
@@ -374,8 +377,14 @@ def evaluate(model, tokenizer, benchmark: Benchmark, scoring: str, settings: Eva
     return results
 
 
-def quantize(model, cfg: DictConfig):
-    return instantiate(cfg.quantizer)(model)
+def quantize(model, cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """Q(model) and its dequantized weights (float32, on CPU): dequantized once, then shared by the
+    evaluation (on CPU the 4-bit layers hold them, mansu.quantization.materialize_4bit) and the
+    reversal analyses."""
+    from mansu.quantization import materialize_4bit
+
+    qmodel = instantiate(cfg.quantizer)(model)
+    return qmodel, {name: t.cpu() for name, t in materialize_4bit(qmodel).items()}
 
 
 def unlearn(model, tokenizer, benchmark: Benchmark, ctx: RunContext, cfg: DictConfig,
@@ -460,15 +469,13 @@ def circuit_divergence(model, qmodel, tokenizer, theta0_attr: dict, settings, sc
     return {**report, "circuit_parameter_share": theta0_attr["parameter_share"]}
 
 
-def reversal_stages(metrics: dict, stage, model, qmodel, theta0: dict, tokenizer,
+def reversal_stages(metrics: dict, stage, model, quantized: dict, theta0: dict, tokenizer,
                     benchmark: Benchmark, scoring: str, settings: EvalSettings, ctx: RunContext,
                     cfg: DictConfig) -> None:
     """Whether quantization undid the unlearning and by what mechanism (mansu.reversal)."""
     from mansu import reversal
     from mansu.diagnostics import update_diagnostics
-    from mansu.quantization import dequantized_state
 
-    quantized = {n: t.cpu() for n, t in dequantized_state(qmodel).items()}  # θ0 lives on CPU
     thetau = model.state_dict()
     thetau_correct = metrics["accuracy"]["thetau"]["forget"]["correct"]
     common = {"scoring": scoring, "batch_size": settings.batch_size, "seed": ctx.seed}

@@ -12,6 +12,7 @@ from mansu.quantization import (
     NF4_CODE,
     NF4_MIDPOINTS,
     dequantized_state,
+    materialize_4bit,
     nf4_codes,
     nf4_dequantize,
     quantize_model,
@@ -157,6 +158,29 @@ def test_quantized_llama_computes_with_the_reference_nf4_weights(dtype):
     # The input model is left as it was.
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_materialized_4bit_model_computes_exactly_what_bitsandbytes_computes(dtype, quant_type):
+    model = _tiny_llama(dtype)
+    quantized = quantize_model(model, quant_type=quant_type)
+    materialized = quantize_model(model, quant_type=quant_type)
+    state = materialize_4bit(materialized)
+
+    assert sorted(state) == sorted(LINEAR_WEIGHTS)
+    assert all(torch.equal(w, dequantized_state(quantized)[n]) for n, w in state.items())
+    assert not any(isinstance(m, Linear4bit) for m in materialized.modules())
+    tokens = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(materialized(tokens).logits, quantized(tokens).logits)
+    # Gradients to the activations (what EAP-IG and CAD take on Q(θu)) agree as well.
+    grads = []
+    for m in (quantized, materialized):
+        embeds = m.get_input_embeddings()(tokens).detach().requires_grad_(True)
+        m(inputs_embeds=embeds).logits.float().logsumexp(-1).sum().backward()
+        grads.append(embeds.grad)
+    assert torch.equal(*grads)
 
 
 def test_dequantized_state_is_keyed_like_the_original_weights(model):
