@@ -22,9 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mansu import run as launcher
-from mansu.attribution import Attribution, Circuit, MeanBaseline
 from mansu.cache import StageCache, decode, encode
+from mansu.circuit import Circuit
 from mansu.data import MCQ, BenchmarkFileError, read_mcq_jsonl
+from mansu.eap_ig import Attribution, MeanBaseline
 from mansu.safeguards import SetupError, check_free_disk, claim_run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
