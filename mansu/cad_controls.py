@@ -2,7 +2,8 @@
 forget items, against the circuit selected on θ0:
 
 1. ``suppression``: θ0's last-layer MLP neurons outside the circuit (their input rows and output
-   columns: parameters no circuit node reads from) trained to lower M until β ≤ ``target_beta``.
+   columns) and the final norm's gain, parameters no circuit node reads from, trained to lower M
+   until β ≤ ``target_beta``.
    Every circuit node's activation stays bit-identical; only what comes after it changed.
 2. ``erasure``: the circuit's own parameters (``parameter_mask``) trained the same way to the same
    β: the circuit itself stops computing the answer, by whatever change descent finds.
@@ -55,17 +56,22 @@ def circuit_activations(model: nn.Module, tokenizer, items: Sequence, circuit: a
 
 
 def downstream_mask(model: nn.Module, circuit: attr.Circuit) -> dict[str, Tensor]:
-    """The parameters of the last layer's MLP neurons outside the circuit: nothing any circuit node
-    computes depends on them."""
+    """The parameters of the last layer's MLP neurons outside the circuit and the final norm's
+    gain: nothing any circuit node computes depends on them."""
     layout = attr.node_layout(model)
     outside = torch.zeros_like(circuit.neurons)
     outside[-1] = ~circuit.neurons[-1]
-    if not outside.any():
-        raise ValueError("the circuit holds every neuron of the last layer, so nothing lies after "
-                         "it to suppress with; select a smaller circuit (attribution.threshold)")
     after = attr.Circuit(heads=torch.zeros(layout.n_layers, layout.n_heads, dtype=torch.bool),
                          neurons=outside, neuron_block=circuit.neuron_block)
-    return attr.parameter_mask(model, after)
+    mask = attr.parameter_mask(model, after) if outside.any() else {}
+    for name in attr._FINAL_NORMS:
+        norm = attr._find(model, name)
+        if norm is not None and getattr(norm, "weight", None) is not None:
+            mask[f"{name}.weight"] = torch.ones_like(norm.weight, dtype=torch.bool)
+    if not mask:
+        raise ValueError("nothing lies after the circuit to suppress with (it holds every neuron "
+                         "of the last layer and the model has no final norm)")
+    return mask
 
 
 def descend(model: nn.Module, tokenizer, items: Sequence, mask: dict[str, Tensor], *,
