@@ -52,7 +52,10 @@ def row_of(record: dict) -> dict:
     row["calibration slope"] = diag.get("flip_calibration_slope")
     row["carried share"] = diag.get("carried_share")
     row["moved share"] = diag.get("moved_share")
-    row["CAD − floor"] = m.get("cad", {}).get("cad_minus_floor")
+    cad = m.get("cad", {})
+    row["β"] = cad.get("beta")
+    row["CAD − floor"] = cad.get("cad_minus_floor")  # the definition the verdict uses (cad.definition)
+    row["CAD_proj − floor"] = cad.get("variants", {}).get("projection", {}).get("minus_floor")
     row["floor certificate"] = (m.get("unlearning", {}).get("certificate") or {}).get("code_flip_share")
     for name, verdict in record.get("verdicts", {}).items():
         row[f"v:{name}"] = verdict["holds"]
