@@ -41,7 +41,7 @@ from mansu.eap_ig import Attribution
 from mansu.item_attribution import ItemAttribution, circuit_units, output_projections
 from mansu.nodes import HEADS, NEURONS
 
-VARIANTS = ("projection", "cosine", "js", "activation", "write", "direct")
+VARIANTS = ("projection", "cosine", "js", "activation", "write", "direct", "frozen")
 DEFINITION = "direct"  # the one variant the controls order right (scripts/cad_controls.py)
 
 
@@ -124,6 +124,7 @@ class Profile:
         index = slice(None) if subset is None else torch.as_tensor(subset)
         self.scores = items.scores[index].double().mean(0)
         self.direct = items.direct[index].double().mean(0)
+        self.frozen = items.frozen[index].double().mean(0)
         keep = circuit_units(circuit, {key: w[:1] for key, w in weights.items()})
         activations, writes = [], []
         for key in sorted(weights):
@@ -150,7 +151,8 @@ def divergences(reference: Profile, other: Profile, circuit: Circuit) -> dict[st
             "js": cad_js(reference.scores, other.scores),
             "activation": projection_divergence(reference.activation, other.activation),
             "write": projection_divergence(reference.write, other.write),
-            "direct": cad(reference.direct, other.direct, circuit)}
+            "direct": cad(reference.direct, other.direct, circuit),
+            "frozen": cad(reference.frozen, other.frozen, circuit)}
 
 
 def noise_floors(items: ItemAttribution, circuit: Circuit, weights: dict, *, splits: int = 200,

@@ -2,8 +2,9 @@
 forget items, against the circuit selected on θ0:
 
 1. ``suppression``: θ0's last-layer MLP neurons outside the circuit (their input rows and output
-   columns) and the final norm's gain, parameters no circuit node reads from, trained to lower M
-   until β ≤ ``target_beta``.
+   columns) and the final norm's gain, parameters no circuit node reads from, trained to lower
+   the ``objective`` (default ``contrast``: M(x) - M(x~), what the question adds to M) to
+   ``target_beta`` of θ0's.
    Every circuit node's activation stays bit-identical; only what comes after it changed.
 2. ``erasure``: the circuit's own parameters (``parameter_mask``) trained the same way to the same
    β: the circuit itself stops computing the answer, by whatever change descent finds.
@@ -23,24 +24,44 @@ from torch import Tensor, nn
 from mansu.cad import cad_report, noise_floors, output_weights
 from mansu.circuit import Circuit, parameter_mask
 from mansu.eap_ig import attribute
-from mansu.item_attribution import attribute_items, circuit_units, final_norm_name, readout_matrix
-from mansu.metric import build_rows, iter_batches, kept_logits, pad_id_of, row_metric
+from mansu.item_attribution import (
+    attribute_items,
+    circuit_units,
+    final_norm_name,
+    readout_matrix,
+    write_gradients,
+)
+from mansu.metric import (
+    NEUTRAL_STEM,
+    build_rows,
+    iter_batches,
+    kept_logits,
+    neutral_ids,
+    pad_id_of,
+    row_metric,
+)
 from mansu.nodes import capture, node_hooks, node_layout
 from mansu.selection import select_circuit
 
 CONTROLS = ("suppression", "erasure", "none", "random")
+# ``clean`` lets descent lower M by a question-independent shift against the answer tokens, which
+# a circuit can write as well as a late MLP; ``contrast`` must remove what the question adds.
+OBJECTIVES = ("contrast", "clean")
 
 
 def mean_metric(model: nn.Module, tokenizer, items: Sequence, *, scoring: str,
-                batch_size: int = 16) -> Tensor:
-    """Mean M over ``items`` (attribution's metric, on the clean inputs), differentiable."""
-    rows = build_rows(tokenizer, items, scoring, None)
+                batch_size: int = 16) -> tuple[Tensor, Tensor]:
+    """Mean M over ``items`` (attribution's metric) on the clean inputs and on their neutral-stem
+    counterfactuals x~, differentiable."""
+    rows = build_rows(tokenizer, items, scoring, neutral_ids(tokenizer, NEUTRAL_STEM))
     embed = model.get_input_embeddings()
-    total = 0.0
+    clean, counterfactual = 0.0, 0.0
     for batch in iter_batches(rows, batch_size, pad_id_of(tokenizer), embed.weight.device):
-        logits = kept_logits(model, embed(batch.clean), batch)
-        total = total + row_metric(logits, batch, scoring).sum()
-    return total / len(items)
+        clean = clean + row_metric(kept_logits(model, embed(batch.clean), batch), batch,
+                                   scoring).sum()
+        counterfactual = counterfactual + row_metric(
+            kept_logits(model, embed(batch.corrupt), batch), batch, scoring).sum()
+    return clean / len(items), counterfactual / len(items)
 
 
 @torch.no_grad()
@@ -80,9 +101,12 @@ def downstream_mask(model: nn.Module, circuit: Circuit) -> dict[str, Tensor]:
 
 
 def descend(model: nn.Module, tokenizer, items: Sequence, mask: dict[str, Tensor], *,
-            scoring: str, target_beta: float, lr: float, max_steps: int,
+            scoring: str, target_beta: float, lr: float, max_steps: int, objective: str,
             batch_size: int = 16) -> dict:
-    """Adam on the masked entries only, lowering mean M until it is ≤ target_beta × θ0's."""
+    """Adam on the masked entries only, lowering the ``objective`` (``clean``: mean M;
+    ``contrast``: mean M(x) - M(x~)) until it and mean M are both ≤ target_beta × θ0's."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown control objective {objective!r}; expected one of {OBJECTIVES}")
     params = dict(model.named_parameters())
     trained = {name: params[name] for name in mask}
     frozen = {name: p.requires_grad for name, p in params.items()}
@@ -92,9 +116,13 @@ def descend(model: nn.Module, tokenizer, items: Sequence, mask: dict[str, Tensor
     start = None
     try:
         for step in range(max_steps + 1):
-            metric = mean_metric(model, tokenizer, items, scoring=scoring, batch_size=batch_size)
-            start = float(metric.detach()) if start is None else start
-            if float(metric) <= target_beta * start or step == max_steps:
+            clean, counterfactual = mean_metric(model, tokenizer, items, scoring=scoring,
+                                                batch_size=batch_size)
+            metric = clean - counterfactual if objective == "contrast" else clean
+            now = (float(metric.detach()), float(clean.detach()))
+            start = now if start is None else start
+            if (now[0] <= target_beta * start[0] and now[1] <= target_beta * start[1]) \
+                    or step == max_steps:
                 break
             optimizer.zero_grad()
             metric.backward()
@@ -105,7 +133,8 @@ def descend(model: nn.Module, tokenizer, items: Sequence, mask: dict[str, Tensor
         for name, p in params.items():
             p.requires_grad_(frozen[name])
             p.grad = None
-    return {"steps": step, "beta_train": float(metric) / start}
+    return {"steps": step, "objective": objective, "objective_ratio": now[0] / start[0],
+            "beta_train": now[1] / start[1]}
 
 
 def edit_norm(model: nn.Module, reference: nn.Module) -> float:
@@ -127,7 +156,8 @@ def random_edit(model: nn.Module, mask: dict[str, Tensor], norm: float, seed: in
 def run_controls(model: nn.Module, tokenizer, forget: Sequence, retain: Sequence, *,
                  attribute_kwargs: dict, threshold: float = 0.8, lam: float = 1.0,
                  target_beta: float = 0.5, lr: float = 1e-2, max_steps: int = 200,
-                 splits: int = 200, seed: int = 0, progress: bool = False) -> dict:
+                 splits: int = 200, objective: str = "contrast", seed: int = 0,
+                 progress: bool = False) -> dict:
     """θ0's circuit and floors, then every control's CAD report (θ0 is left as it was)."""
     kwargs = {**attribute_kwargs, "progress": progress}
     theta0 = attribute_items(model, tokenizer, forget, **kwargs)
@@ -137,9 +167,10 @@ def run_controls(model: nn.Module, tokenizer, forget: Sequence, retain: Sequence
                                   batch_size=kwargs.get("batch_size", 8), progress=progress)
     weights0 = output_weights(model, circuit)
     readout0 = readout_matrix(model)
+    gradients0, theta0.frozen = write_gradients(model, tokenizer, forget, weights0, **kwargs)
     floors = noise_floors(theta0, circuit, weights0, splits=splits, seed=seed)
     train = dict(scoring=kwargs["scoring"], target_beta=target_beta, lr=lr, max_steps=max_steps,
-                 batch_size=kwargs.get("batch_size", 16))
+                 objective=objective, batch_size=kwargs.get("batch_size", 16))
     results = {}
     suppressed = copy.deepcopy(model)
     below = downstream_mask(model, circuit)
@@ -155,7 +186,8 @@ def run_controls(model: nn.Module, tokenizer, forget: Sequence, retain: Sequence
     edited = {"suppression": suppressed, "erasure": erased, "none": model, "random": noisy}
     clean0 = circuit_activations(model, tokenizer, forget, circuit, scoring=kwargs["scoring"])
     for name in CONTROLS:
-        items = attribute_items(edited[name], tokenizer, forget, readout=readout0, **kwargs)
+        items = attribute_items(edited[name], tokenizer, forget, readout=readout0,
+                                frozen_gradients=gradients0, **kwargs)
         clean = circuit_activations(edited[name], tokenizer, forget, circuit,
                                     scoring=kwargs["scoring"])
         results[name]["circuit_activations_identical"] = all(

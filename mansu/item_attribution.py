@@ -19,7 +19,16 @@ from tqdm.auto import tqdm
 from mansu.circuit import Circuit
 from mansu.data import MCQ
 from mansu.eap_ig import Attribution, check_settings, endpoints, ig_step_rows, mean_baseline
-from mansu.metric import NEUTRAL_STEM, Batch, build_rows, iter_batches, neutral_ids, pad_id_of
+from mansu.metric import (
+    NEUTRAL_STEM,
+    Batch,
+    build_rows,
+    iter_batches,
+    kept_logits,
+    neutral_ids,
+    pad_id_of,
+    row_metric,
+)
 from mansu.nodes import HEADS, NEURONS, NodeLayout, block_sum, eval_mode, find_module, node_layout
 
 FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm")
@@ -37,6 +46,7 @@ class ItemAttribution:
     diffs: dict
     attribution: Attribution
     direct: Tensor
+    frozen: Tensor  # [n_items, n_nodes]: the scores with θ0's gradient (``frozen_gradients``)
 
     @property
     def n_items(self) -> int:
@@ -46,7 +56,7 @@ class ItemAttribution:
         """Only the circuit's units' diffs (what CAD reads), to keep θ0's cached copy small."""
         keep = circuit_units(circuit, self.diffs)
         return ItemAttribution(self.scores, {k: v[:, keep[k]] for k, v in self.diffs.items()},
-                               self.attribution, self.direct)
+                               self.attribution, self.direct, self.frozen)
 
 
 def circuit_units(circuit: Circuit, diffs: dict) -> dict:
@@ -75,12 +85,16 @@ def attribute_items(
     mean_items: Sequence[MCQ] | Sequence[str] | None = None,
     neutral_stem: str = NEUTRAL_STEM,
     readout: Tensor | None = None,
+    frozen_gradients: list[dict] | None = None,
     progress: bool = True,
 ) -> ItemAttribution:
     """``attribute`` with the scores and node activation differences kept per item, at the same
     cost (the same passes; only the sums are split by item). ``direct`` is each node's direct
     effect on M through ``readout`` ([vocab, d_model], default this model's ``readout_matrix``):
-    Σ over M's read entries of weight · <readout[token], W_out,v (z_v(x) - z_v(x~))>."""
+    Σ over M's read entries of weight · <readout[token], W_out,v (z_v(x) - z_v(x~))>.
+    ``frozen_gradients`` (``write_gradients`` of θ0 on the same items and batch size) gives
+    ``frozen``: the EAP-IG score with θ0's gradient in place of this model's, Σ_pos <g0(pos),
+    W_out,v (z_v(x) - z_v(x~))(pos)>, for the nodes of the layers it holds (0 elsewhere)."""
     check_settings(scoring, counterfactual, ig_steps, neuron_block)
     if not items:
         raise ValueError("no items to attribute")
@@ -98,6 +112,8 @@ def attribute_items(
     neurons = torch.zeros(n, layout.n_layers, n_blocks)
     direct_heads = torch.zeros(n, layout.n_layers, layout.n_heads)
     direct_neurons = torch.zeros(n, layout.n_layers, n_blocks)
+    frozen_heads = torch.zeros(n, layout.n_layers, layout.n_heads)
+    frozen_neurons = torch.zeros(n, layout.n_layers, n_blocks)
     diffs: dict = {}
     metric_clean, metric_corrupt = torch.zeros(n), torch.zeros(n)
     device = model.get_input_embeddings().weight.device
@@ -105,8 +121,9 @@ def attribute_items(
     projections = output_projections(model)
     batches = iter_batches(rows, batch_size, pad_id_of(tokenizer), device)
     with eval_mode(model):
-        for batch in tqdm(batches, total=math.ceil(len(rows) / batch_size), desc="attribution",
-                          disable=not progress):
+        for index, batch in enumerate(tqdm(batches, total=math.ceil(len(rows) / batch_size),
+                                           desc="attribution", disable=not progress)):
+            gradients = frozen_gradients[index] if frozen_gradients is not None else {}
             clean_embeds, corrupt_embeds, batch_diffs, m_clean, m_corrupt = endpoints(
                 model, layout, batch, scoring, baseline)
             metric_clean.index_add_(0, batch.items, m_clean.cpu())
@@ -117,13 +134,12 @@ def attribute_items(
                 if key not in diffs:
                     diffs[key] = torch.zeros(n, per_row.shape[-1])
                 diffs[key].index_add_(0, batch.items, per_row)
-                direct = _direct_effect(diff, batch, readout, projections[key].to(device)).cpu()
-                if key[0] == HEADS:
-                    direct_heads[:, key[1]].index_add_(
-                        0, batch.items, direct.view(-1, layout.n_heads, layout.head_dim).sum(-1))
-                else:
-                    direct_neurons[:, key[1]].index_add_(0, batch.items,
-                                                         block_sum(direct, neuron_block))
+                projection = projections[key].to(device)
+                _add_nodes(direct_heads, direct_neurons, key, batch.items, neuron_block, layout,
+                           _direct_effect(diff, batch, readout, projection).cpu())
+                if key in gradients:
+                    _add_nodes(frozen_heads, frozen_neurons, key, batch.items, neuron_block, layout,
+                               _frozen_score(gradients[key], diff, projection))
             for k in range(1, ig_steps + 1):
                 row_heads, row_neurons = ig_step_rows(
                     model, layout, batch, scoring, batch_diffs,
@@ -137,7 +153,87 @@ def attribute_items(
                        counterfactual=counterfactual, neuron_block=neuron_block,
                        ig_steps=ig_steps, neutral_stem=neutral_stem, baseline=baseline)
     return ItemAttribution(torch.cat([heads.flatten(1), neurons.flatten(1)], 1), diffs, mean,
-                           torch.cat([direct_heads.flatten(1), direct_neurons.flatten(1)], 1))
+                           torch.cat([direct_heads.flatten(1), direct_neurons.flatten(1)], 1),
+                           torch.cat([frozen_heads.flatten(1), frozen_neurons.flatten(1)], 1))
+
+
+def write_gradients(
+    model: nn.Module,
+    tokenizer,
+    items: Sequence[MCQ] | Sequence[str],
+    keys,
+    *,
+    scoring: str = "cloze",
+    counterfactual: str = "stem_swap",
+    ig_steps: int = 5,
+    batch_size: int = 8,
+    neuron_block: int = 1,
+    mean_items: Sequence[MCQ] | Sequence[str] | None = None,
+    neutral_stem: str = NEUTRAL_STEM,
+    progress: bool = True,
+) -> tuple[list[dict], Tensor]:
+    """θ0's gradients for the ``frozen`` scores, and θ0's own frozen scores [n_items, n_nodes].
+
+    Per batch, (kind, layer) -> [B, T, d_model] (CPU, float32): dM/d(output of that layer's head
+    or neuron output projection), averaged over the integrated-gradients path, for ``keys`` only.
+    Through W_out,v it is every node's EAP-IG gradient; kept from θ0 it scores a later model's
+    circuit writes by θ0's downstream (``attribute_items(frozen_gradients=)``). Settings as
+    ``attribute_items``'s, whose batches are the same."""
+    check_settings(scoring, counterfactual, ig_steps, neuron_block)
+    layout = node_layout(model)
+    baseline = None
+    if counterfactual == "mean":
+        if not mean_items:
+            raise ValueError("counterfactual='mean' needs mean_items (the retain questions)")
+        baseline = mean_baseline(model, tokenizer, mean_items, scoring=scoring,
+                                 batch_size=batch_size)
+    neutral = neutral_ids(tokenizer, neutral_stem) if counterfactual == "stem_swap" else None
+    rows = build_rows(tokenizer, items, scoring, neutral)
+    device = model.get_input_embeddings().weight.device
+    structure = {HEADS: layout.structure.head_out, NEURONS: layout.structure.neuron_out}
+    modules = {key: model.get_submodule(layout.module_name(key[1], structure[key[0]]))
+               for key in sorted(keys)}
+    projections = output_projections(model, modules)
+    n, n_blocks = len(items), layout.n_blocks(neuron_block)
+    heads = torch.zeros(n, layout.n_layers, layout.n_heads)
+    neurons = torch.zeros(n, layout.n_layers, n_blocks)
+    out = []
+    with eval_mode(model):
+        for batch in tqdm(iter_batches(rows, batch_size, pad_id_of(tokenizer), device),
+                          total=math.ceil(len(rows) / batch_size), desc="θ0 gradients",
+                          disable=not progress):
+            clean_embeds, corrupt_embeds, diffs, _, _ = endpoints(model, layout, batch, scoring,
+                                                                  baseline)
+            sums = {key: 0.0 for key in modules}
+            for k in range(1, ig_steps + 1):
+                embeds = corrupt_embeds + (k / ig_steps) * (clean_embeds - corrupt_embeds)
+                grads = _output_gradients(model, modules, batch, scoring, embeds)
+                sums = {key: sums[key] + grads[key] for key in modules}
+            gradients = {key: (total / ig_steps).cpu()
+                         for key, total in sums.items()}
+            for key, gradient in gradients.items():
+                _add_nodes(heads, neurons, key, batch.items, neuron_block, layout,
+                           _frozen_score(gradient, diffs[key], projections[key].to(device)))
+            out.append(gradients)
+    return out, torch.cat([heads.flatten(1), neurons.flatten(1)], 1)
+
+
+def _output_gradients(model, modules: dict, batch: Batch, scoring: str, embeds: Tensor) -> dict:
+    outputs: dict = {}
+    handles = [module.register_forward_hook(
+        lambda _m, _args, output, key=key: outputs.__setitem__(key, output))
+        for key, module in modules.items()]
+    try:
+        with torch.enable_grad():
+            embeds = embeds.detach().requires_grad_(True)
+            metric = row_metric(kept_logits(model, embeds, batch), batch, scoring).sum()
+            keys = list(outputs)
+            grads = torch.autograd.grad(metric, [outputs[key] for key in keys], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: (torch.zeros_like(outputs[key]) if g is None else g).float()
+            for key, g in zip(keys, grads)}
 
 
 def final_norm(model: nn.Module) -> nn.Module | None:
@@ -185,6 +281,21 @@ def output_projections(model: nn.Module, keys=None) -> dict:
                 weight = weight.T if layout.structure.conv1d else weight
             out[kind, layer] = weight.float()
     return out
+
+
+def _frozen_score(gradient: Tensor, diff: Tensor, projection: Tensor) -> Tensor:
+    """[B, width]: Σ_pos diff · (W_out^T g) per unit, i.e. <g, W_out,unit diff> summed."""
+    return ((gradient.to(diff.device).float() @ projection) * diff).sum(1).cpu()
+
+
+def _add_nodes(heads: Tensor, neurons: Tensor, key: tuple, items: Tensor, neuron_block: int,
+               layout: NodeLayout, per_unit: Tensor) -> None:
+    """Add [B, width] per-unit values into the per-item node tensors, by item."""
+    kind, layer = key
+    if kind == HEADS:
+        heads[:, layer].index_add_(0, items, per_unit.view(-1, layout.n_heads, layout.head_dim).sum(-1))
+    else:
+        neurons[:, layer].index_add_(0, items, block_sum(per_unit, neuron_block))
 
 
 def _direct_effect(diff: Tensor, batch: Batch, readout: Tensor, projection: Tensor) -> Tensor:

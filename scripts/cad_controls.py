@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from mansu.cad import DEFINITION, VARIANTS  # noqa: E402
-from mansu.cad_controls import CONTROLS, run_controls  # noqa: E402
+from mansu.cad_controls import CONTROLS, OBJECTIVES, run_controls  # noqa: E402
 from mansu.run import CONF_DIR, attribution_items, load, make_context  # noqa: E402
 
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--splits", type=int, default=200)
+    parser.add_argument("--objective", choices=OBJECTIVES, default="contrast")
     args = parser.parse_args(argv)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=args.overrides)
@@ -73,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                           attribute_kwargs=settings.attribute_kwargs(scoring),
                           threshold=settings.threshold, lam=settings.lam,
                           target_beta=args.target_beta, lr=args.lr, max_steps=args.max_steps,
+                          objective=args.objective,
                           splits=args.splits)
     result["settings"] = {"overrides": args.overrides, "items": len(forget), "scoring": scoring,
                           "target_beta": args.target_beta, "lr": args.lr,
+                          "objective": args.objective,
                           "seconds": round(time.perf_counter() - started, 1)}
     print(table(result))
     print(json.dumps({name: {k: v for k, v in c.items() if k != "report"}

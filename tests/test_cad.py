@@ -26,7 +26,7 @@ from mansu.cad import (
 )
 from mansu.cad_controls import run_controls
 from mansu.eap_ig import attribute
-from mansu.item_attribution import attribute_items, readout_matrix
+from mansu.item_attribution import attribute_items, readout_matrix, write_gradients
 from mansu.selection import select_circuit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,6 +73,25 @@ def test_per_item_attribution_is_attribute_split_by_item(tokenizer):
     torch.testing.assert_close(items.scores.mean(0), whole.flat())
     torch.testing.assert_close(items.attribution.metric_clean, whole.metric_clean)
     assert items.scores.shape[0] == items.direct.shape[0] == len(FORGET)
+
+
+def test_frozen_scores_on_theta0_are_its_eap_ig_scores(tokenizer):
+    """θ0's gradient at a layer's output, read through W_out, is the EAP-IG gradient at its nodes:
+    scored with its own kept gradients θ0 gets its own scores back,
+    and attribute_items with them gives the same numbers as write_gradients."""
+    model = build("llama", 0.2)
+    settings = dict(scoring="cloze", ig_steps=2, batch_size=3, progress=False)
+    items = attribute_items(model, tokenizer, FORGET, **settings)
+    keys = [("heads", 1), ("neurons", 0)]
+    gradients, frozen = write_gradients(model, tokenizer, FORGET, keys, **settings)
+    layers, heads = len(model.model.layers), model.config.num_attention_heads
+    held = torch.zeros(layers * heads + items.scores.shape[1] - layers * heads, dtype=torch.bool)
+    held[heads: 2 * heads] = True
+    held[layers * heads: layers * heads + (items.scores.shape[1] - layers * heads) // layers] = True
+    assert frozen[:, ~held].abs().max() == 0
+    torch.testing.assert_close(frozen[:, held], items.scores[:, held], rtol=1e-4, atol=1e-6)
+    again = attribute_items(model, tokenizer, FORGET, frozen_gradients=gradients, **settings)
+    torch.testing.assert_close(again.frozen, frozen)
 
 
 def test_direct_effect_by_hand(tokenizer):
