@@ -120,11 +120,13 @@ def test_noise_floors_and_report(tokenizer):
                                   attribute(model, tokenizer, RETAIN, **settings),
                                   progress=False)
     weights = output_weights(model, circuit)
+    _, a0.frozen = write_gradients(model, tokenizer, FORGET, weights, **settings)
     with pytest.raises(ValueError, match="at least 2 items"):
         noise_floors(attribute_items(model, tokenizer, FORGET[:1], **settings), circuit,
                      weights)
     # Halves holding the same question give the same profile: every floor is exactly 0.
     same = attribute_items(model, tokenizer, [FORGET[0]] * 4, **settings)
+    _, same.frozen = write_gradients(model, tokenizer, [FORGET[0]] * 4, weights, **settings)
     floors = noise_floors(same, circuit, weights, splits=5)
     assert all(f["value"] == pytest.approx(0.0, abs=1e-9) for f in floors["variants"].values())
     floors = noise_floors(a0, circuit, weights, splits=20)
