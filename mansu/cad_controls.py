@@ -163,8 +163,8 @@ def run_controls(model: nn.Module, tokenizer, forget: Sequence, retain: Sequence
     theta0 = attribute_items(model, tokenizer, forget, **kwargs)
     retain_attr = attribute(model, tokenizer, retain, **kwargs)
     circuit = select_circuit(model, tokenizer, forget, theta0.attribution, retain_attr,
-                                  threshold=threshold, lam=lam,
-                                  batch_size=kwargs.get("batch_size", 8), progress=progress)
+                             threshold=threshold, lam=lam, batch_size=kwargs.get("batch_size", 8),
+                             progress=progress)
     weights0 = output_weights(model, circuit)
     readout0 = readout_matrix(model)
     gradients0, theta0.frozen = write_gradients(model, tokenizer, forget, weights0, **kwargs)

@@ -117,8 +117,7 @@ def test_noise_floors_and_report(tokenizer):
     settings = dict(scoring="cloze", progress=False)
     a0 = attribute_items(model, tokenizer, FORGET, **settings)
     circuit = select_circuit(model, tokenizer, FORGET, a0.attribution,
-                                  attribute(model, tokenizer, RETAIN, **settings),
-                                  progress=False)
+                             attribute(model, tokenizer, RETAIN, **settings), progress=False)
     weights = output_weights(model, circuit)
     _, a0.frozen = write_gradients(model, tokenizer, FORGET, weights, **settings)
     with pytest.raises(ValueError, match="at least 2 items"):
