@@ -1,44 +1,85 @@
-"""Circuit Attribution Divergence (METHOD.md §5): does θ0's circuit still carry the forget signal?
+"""Circuit Attribution Divergence (METHOD.md §5): does θ0's circuit still compute the forget signal?
 
-With node attributions a on θ0 and a' on θu (same items, counterfactual and metric; see
-``mansu.eap_ig``) and the circuit C selected on θ0:
-- CAD = 1 - clip(<a'_C, a_C> / ||a_C||^2, 0, 1): the share of the circuit's signal, projected on
-  θ0's direction, that is gone. 0: the circuit computes what it did (any forgetting is suppression
-  elsewhere); 1: it computes none of it.
-- β = mean M'(x) / mean M(x), the behavioural ratio on the same items.
-- the noise floor: CAD between the attributions of two disjoint halves of the forget set on θ0,
-  i.e. how far CAD moves from item sampling alone (averaged over both directions, as CAD is not
-  symmetric);
-- CAD_JS: Jensen-Shannon divergence (bits, in [0, 1]) between |a| / ||a||_1 and |a'| / ||a'||_1
-  over all nodes.
-Every function takes attributions of any model ``attribute`` runs on, a bitsandbytes-quantized
-Q(θu) included.
+θ0, θu (and Q(θu)) are attributed on the same items, counterfactuals and metric
+(``mansu.item_attribution.attribute_items``), and compared on the circuit C selected on θ0. Variants,
+each 0 when nothing changed and 1 when the circuit's signal is gone:
+- ``projection`` (the original CAD): 1 - clip(<a'_C, a_C> / ||a_C||², 0, 1) on EAP-IG scores. A
+  score is activation difference × ∂M/∂z, and ∂M/∂z runs through everything after the circuit, so
+  anything downstream that lowers M lowers it too: it falls with β whatever the cause
+  (scripts/cad_controls.py shows it calling downstream suppression erasure).
+- ``cosine``: 1 - clip(cos(a'_C, a_C), 0, 1), the scale-free comparison of the same scores.
+- ``js``: Jensen-Shannon divergence (bits) of |a| / ||a||_1 and |a'| / ||a'||_1 over all nodes.
+- ``activation``: the projection on the circuit units' activation differences z(x) - z(x~)
+  (summed over positions, averaged over items), no gradient in it.
+- ``write``: the same on what each circuit node writes to the residual stream, W_out,v (z_v(x) -
+  z_v(x~)), so that an edit of a node's own output weights counts as well. Both are taken at the
+  positions where M reads the answer. Averaged over items they keep the shared question-vs-
+  neutral difference and lose each fact's own direction: the erasure control barely moves them.
+- ``direct``: the projection on each circuit node's direct effect on M, its write read by θ0's
+  unembedding (final-norm gain folded in) on each item's own answer tokens
+  (``ItemAttribution.direct``): fact-specific, and blind to anything downstream of the circuit
+  (bit-identical circuit activations give exactly 0).
+- ``frozen``: the projection on EAP-IG scores computed with θ0's gradient at the circuit's layer
+  outputs in place of θu's (``item_attribution.write_gradients``): the circuit's total (direct and
+  indirect) first-order effect read by θ0's downstream. On θ0 it is ``projection``.
+``DEFINITION`` (``direct``) is the one whose erasure − suppression margin the controls put highest
+(scripts/cad_controls.py, README); the record names it (``cad.definition``) and its value minus
+its floor decides the ``structural_erasure`` verdict.
+
+β = mean M'(x) / mean M(x) on the same items. The noise floor of each variant is the variant
+between two disjoint random halves of the forget items on θ0 (both directions averaged), over many
+random splits: its mean, with a 95% interval over splits. The halves are means of per-item numbers
+computed once, so the floor costs no model pass.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mansu.circuit import Circuit
-from mansu.eap_ig import Attribution, attribute
+from mansu.eap_ig import Attribution
+from mansu.item_attribution import ItemAttribution, circuit_units, output_projections
+from mansu.nodes import HEADS, NEURONS
+
+VARIANTS = ("projection", "cosine", "js", "activation", "write", "direct", "frozen")
+DEFINITION = "direct"  # the one variant the controls order right (scripts/cad_controls.py)
 
 
 def _flat(scores: Attribution | Tensor) -> Tensor:
     return (scores.flat() if isinstance(scores, Attribution) else scores).double()
 
 
-def cad(a0: Attribution | Tensor, a1: Attribution | Tensor, circuit: Circuit | Tensor) -> float:
-    """1 - clip(<a1_C, a0_C> / ||a0_C||^2, 0, 1); tensors are flat node vectors and a bool mask."""
-    selected = circuit.flat() if isinstance(circuit, Circuit) else circuit
-    reference, other = _flat(a0)[selected], _flat(a1)[selected]
+def _mask(circuit: Circuit | Tensor) -> Tensor:
+    return circuit.flat() if isinstance(circuit, Circuit) else circuit
+
+
+def projection_divergence(reference: Tensor, other: Tensor) -> float:
+    """1 - clip(<other, reference> / ||reference||², 0, 1)."""
+    reference, other = reference.double().flatten(), other.double().flatten()
     norm = float(reference @ reference)
     if norm == 0.0:
-        raise ValueError("CAD is undefined: the circuit's θ0 attribution is zero")
+        raise ValueError("CAD is undefined: the circuit's θ0 signal is zero")
     return 1.0 - min(max(float(other @ reference) / norm, 0.0), 1.0)
+
+
+def cad(a0: Attribution | Tensor, a1: Attribution | Tensor, circuit: Circuit | Tensor) -> float:
+    """1 - clip(<a1_C, a0_C> / ||a0_C||^2, 0, 1); tensors are flat node vectors and a bool mask."""
+    selected = _mask(circuit)
+    return projection_divergence(_flat(a0)[selected], _flat(a1)[selected])
+
+
+def cad_cosine(a0: Attribution | Tensor, a1: Attribution | Tensor, circuit: Circuit | Tensor) -> float:
+    """1 - clip(cos(a1_C, a0_C), 0, 1): the scores' direction on the circuit, not their scale."""
+    selected = _mask(circuit)
+    reference, other = _flat(a0)[selected], _flat(a1)[selected]
+    norms = float(reference.norm() * other.norm())
+    if norms == 0.0:
+        raise ValueError("the cosine CAD is undefined for an all-zero circuit attribution")
+    return 1.0 - min(max(float(other @ reference) / norms, 0.0), 1.0)
 
 
 def cad_js(a0: Attribution | Tensor, a1: Attribution | Tensor) -> float:
@@ -65,33 +106,110 @@ def behaviour_ratio(m0: Attribution | Tensor | float, m1: Attribution | Tensor |
     return mean1 / mean0
 
 
-def noise_floor(model: nn.Module, tokenizer, forget: Sequence, circuit: Circuit | Tensor, *,
-                seed: int = 0, **attribute_kwargs) -> float:
-    """CAD between two disjoint random halves of ``forget`` attributed on the same model, averaged
-    over both directions. ``attribute_kwargs`` must be the settings of the CAD it is compared to."""
-    if len(forget) < 2:
-        raise ValueError(f"the noise floor splits the forget set into two halves; it needs at least "
-                         f"2 items, got {len(forget)}")
-    order = list(range(len(forget)))
-    random.Random(seed).shuffle(order)
-    half = len(order) // 2
-    first, second = (attribute(model, tokenizer, [forget[i] for i in part], **attribute_kwargs)
-                     for part in (order[:half], order[half:]))
-    return (cad(first, second, circuit) + cad(second, first, circuit)) / 2
+# ---------------------------------------------------------------------------------------------
+# What the circuit computes, per model
 
 
-def cad_report(a0: Attribution, a_u: Attribution, circuit: Circuit, *,
-               a_q: Attribution | None = None, floor: float | None = None) -> dict:
-    """JSON-ready numbers for θu (and Q(θu) when ``a_q`` is given), with the noise floor."""
-    report = {"cad": cad(a0, a_u, circuit), "cad_js": cad_js(a0, a_u),
-              "beta": behaviour_ratio(a0, a_u), "circuit_size": circuit.size,
+def output_weights(model: nn.Module, circuit: Circuit) -> dict:
+    """(kind, layer) -> float32 [d_model, width] output projection (CPU) of every layer that holds a
+    circuit node (dequantized for a bitsandbytes model), keyed like the activation diffs."""
+    held = {(kind, layer) for kind, nodes in ((HEADS, circuit.heads), (NEURONS, circuit.neurons))
+            for layer in range(nodes.shape[0]) if nodes[layer].any()}
+    return {key: weight.cpu() for key, weight in output_projections(model, held).items()}
+
+
+class Profile:
+    """Item-averaged signals of one model (over ``subset`` of the items, default all): EAP-IG
+    scores of every node, the circuit units' activation differences, and what each circuit node
+    writes to the residual stream with ``weights`` (``output_weights`` of that model)."""
+
+    def __init__(self, items: ItemAttribution, circuit: Circuit, weights: dict,
+                 subset: Sequence[int] | Tensor | None = None):
+        index = slice(None) if subset is None else torch.as_tensor(subset)
+        self.scores = items.scores[index].double().mean(0)
+        self.direct = items.direct[index].double().mean(0)
+        self.frozen = items.frozen[index].double().mean(0)
+        keep = circuit_units(circuit, {key: w[:1] for key, w in weights.items()})
+        activations, writes = [], []
+        for key in sorted(weights):
+            units = keep[key]
+            diff = items.diffs[key][index].double().mean(0)
+            if diff.numel() == units.numel():  # full width: cut to the circuit's units
+                diff = diff[units]
+            node_width = (units.numel() // circuit.heads.shape[1] if key[0] == HEADS
+                          else circuit.neuron_block)
+            nodes = torch.unique(units.nonzero()[:, 0].div(node_width, rounding_mode="floor"),
+                                 return_inverse=True)[1]
+            per_unit = weights[key][:, units].double() * diff  # [d_model, kept units]
+            node_writes = torch.zeros(per_unit.shape[0], int(nodes.max()) + 1, dtype=torch.float64)
+            writes.append(node_writes.index_add_(1, nodes, per_unit).T.flatten())
+            activations.append(diff)
+        self.activation = torch.cat(activations)
+        self.write = torch.cat(writes)
+
+
+def divergences(reference: Profile, other: Profile, circuit: Circuit) -> dict[str, float]:
+    """Every variant of ``other`` against ``reference``."""
+    return {"projection": cad(reference.scores, other.scores, circuit),
+            "cosine": cad_cosine(reference.scores, other.scores, circuit),
+            "js": cad_js(reference.scores, other.scores),
+            "activation": projection_divergence(reference.activation, other.activation),
+            "write": projection_divergence(reference.write, other.write),
+            "direct": cad(reference.direct, other.direct, circuit),
+            "frozen": cad(reference.frozen, other.frozen, circuit)}
+
+
+def noise_floors(items: ItemAttribution, circuit: Circuit, weights: dict, *, splits: int = 200,
+                 seed: int = 0) -> dict:
+    """Each variant between two disjoint random halves of θ0's items, both directions averaged,
+    over ``splits`` random half-splits: mean and 95% interval over splits."""
+    n = items.n_items
+    if n < 2:
+        raise ValueError(f"the noise floor splits the forget items into two halves; it needs at "
+                         f"least 2 items, got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    values: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(splits):
+        order = torch.randperm(n, generator=generator)
+        first, second = (Profile(items, circuit, weights, part)
+                         for part in (order[: n // 2], order[n // 2: 2 * (n // 2)]))
+        there, back = divergences(first, second, circuit), divergences(second, first, circuit)
+        for name in VARIANTS:
+            values[name].append((there[name] + back[name]) / 2)
+    floors = {}
+    for name, sample in values.items():
+        low, high = np.percentile(sample, [2.5, 97.5])
+        floors[name] = {"value": float(np.mean(sample)), "ci_low": float(low),
+                        "ci_high": float(high)}
+    return {"items_per_half": n // 2, "splits": splits, "variants": floors}
+
+
+def cad_report(theta0: ItemAttribution, thetau: ItemAttribution, circuit: Circuit, *,
+               weights0: dict, weightsu: dict, floors: dict, thetaq: ItemAttribution | None = None,
+               weightsq: dict | None = None, definition: str = DEFINITION) -> dict:
+    """JSON-ready numbers for θu (and Q(θu) when ``thetaq`` is given): every variant with its own
+    floor, and at the top level the ``definition`` that the verdict reads."""
+    if definition not in VARIANTS:
+        raise ValueError(f"unknown CAD definition {definition!r}; expected one of {VARIANTS}")
+    reference = Profile(theta0, circuit, weights0)
+    models = {"": (thetau, weightsu)} | ({"_q": (thetaq, weightsq)} if thetaq is not None else {})
+    variants = {name: {"floor": floors["variants"][name]["value"],
+                       "floor_ci": [floors["variants"][name]["ci_low"],
+                                    floors["variants"][name]["ci_high"]]}
+                for name in VARIANTS}
+    report = {"definition": definition, "floor_items_per_half": floors["items_per_half"],
+              "floor_splits": floors["splits"], "circuit_size": circuit.size,
               "circuit_faithfulness": circuit.faithfulness}
-    if floor is not None:
-        report["noise_floor"] = floor
-        report["cad_minus_floor"] = report["cad"] - floor
-    if a_q is not None:
-        report.update({"cad_q": cad(a0, a_q, circuit), "cad_js_q": cad_js(a0, a_q),
-                       "beta_q": behaviour_ratio(a0, a_q)})
-        if floor is not None:
-            report["cad_q_minus_floor"] = report["cad_q"] - floor
+    for suffix, (items, weights) in models.items():
+        values = divergences(reference, Profile(items, circuit, weights), circuit)
+        for name, value in values.items():
+            variants[name]["value" + suffix] = value
+            variants[name]["minus_floor" + suffix] = value - variants[name]["floor"]
+        report["cad" + suffix] = values[definition]
+        report["cad" + suffix + "_minus_floor"] = values[definition] - variants[definition]["floor"]
+        report["cad_projection" + suffix] = values["projection"]
+        report["cad_js" + suffix] = values["js"]
+        report["beta" + suffix] = behaviour_ratio(theta0.attribution, items.attribution)
+    report["noise_floor"] = variants[definition]["floor"]
+    report["variants"] = variants
     return report

@@ -87,7 +87,7 @@ def attribute(
     """EAP-IG node scores of ``model`` on ``items`` (batch_size counts token sequences: one per
     question for letter scoring, one per choice for cloze). ``mean_items`` (the retain questions)
     are required by and only used for ``counterfactual="mean"``."""
-    _check_settings(scoring, counterfactual, ig_steps, neuron_block)
+    check_settings(scoring, counterfactual, ig_steps, neuron_block)
     if not items:
         raise ValueError("no items to attribute")
     layout = node_layout(model)
@@ -109,16 +109,16 @@ def attribute(
     total = math.ceil(len(rows) / batch_size)
     with eval_mode(model):
         for batch in tqdm(batches, total=total, desc="attribution", disable=not progress):
-            clean_embeds, corrupt_embeds, diffs, m_clean, m_corrupt = _endpoints(
+            clean_embeds, corrupt_embeds, diffs, m_clean, m_corrupt = endpoints(
                 model, layout, batch, scoring, baseline)
             metric_clean.index_add_(0, batch.items, m_clean.cpu())
             metric_corrupt.index_add_(0, batch.items, m_corrupt.cpu())
             for k in range(1, ig_steps + 1):
-                step_heads, step_neurons = _ig_step(
+                step_heads, step_neurons = ig_step_rows(
                     model, layout, batch, scoring, diffs,
                     corrupt_embeds + (k / ig_steps) * (clean_embeds - corrupt_embeds))
-                heads += step_heads
-                neurons += step_neurons
+                heads += step_heads.sum(0)
+                neurons += step_neurons.sum(0)
     n = len(items)
     return Attribution(
         heads=heads / (ig_steps * n),
@@ -135,7 +135,7 @@ def attribute(
 
 
 @torch.no_grad()
-def _endpoints(model, layout: NodeLayout, batch: Batch, scoring: str,
+def endpoints(model, layout: NodeLayout, batch: Batch, scoring: str,
                baseline: MeanBaseline | None) -> tuple[Tensor, Tensor, dict, Tensor, Tensor]:
     """The clean and counterfactual forwards of one batch: both input embeddings, the node
     activation differences z(x) - z(x~) (float32, zero at padding) and M on both sides."""
@@ -163,9 +163,10 @@ def _endpoints(model, layout: NodeLayout, batch: Batch, scoring: str,
     return clean_embeds, corrupt_embeds, diffs, m_clean, m_corrupt
 
 
-def _ig_step(model, layout: NodeLayout, batch: Batch, scoring: str, diffs: dict,
-             embeds: Tensor) -> tuple[Tensor, Tensor]:
-    """One integrated-gradients point: sum over rows and positions of diff . dM/dz, per node."""
+def ig_step_rows(model, layout: NodeLayout, batch: Batch, scoring: str, diffs: dict,
+                 embeds: Tensor) -> tuple[Tensor, Tensor]:
+    """One integrated-gradients point: per row, the sum over positions of diff . dM/dz per node,
+    [B, L, H] and [B, L, N]."""
     acts: dict = {}
     with torch.enable_grad():
         embeds = embeds.detach().requires_grad_(True)
@@ -174,16 +175,17 @@ def _ig_step(model, layout: NodeLayout, batch: Batch, scoring: str, diffs: dict,
         keys = list(acts)
         # Only the activations are differentiated: autograd skips every parameter gradient.
         grads = torch.autograd.grad(metric, [acts[key] for key in keys], allow_unused=True)
-    heads = torch.zeros(layout.n_layers, layout.n_heads)
-    neurons = torch.zeros(layout.n_layers, layout.n_neurons)
+    rows = batch.clean.shape[0]
+    heads = torch.zeros(rows, layout.n_layers, layout.n_heads)
+    neurons = torch.zeros(rows, layout.n_layers, layout.n_neurons)
     for (kind, layer), grad in zip(keys, grads):
         if grad is None:
             continue
-        per_unit = (grad.float() * diffs[kind, layer]).sum((0, 1)).cpu()
+        per_unit = (grad.float() * diffs[kind, layer]).sum(1).cpu()
         if kind == HEADS:
-            heads[layer] = per_unit.view(layout.n_heads, layout.head_dim).sum(-1)
+            heads[:, layer] = per_unit.view(rows, layout.n_heads, layout.head_dim).sum(-1)
         else:
-            neurons[layer] = per_unit
+            neurons[:, layer] = per_unit
     return heads, neurons
 
 
@@ -213,7 +215,7 @@ def mean_baseline(model: nn.Module, tokenizer, items: Sequence, *, scoring: str,
 
 
 
-def _check_settings(scoring: str, counterfactual: str, ig_steps: int, neuron_block: int) -> None:
+def check_settings(scoring: str, counterfactual: str, ig_steps: int, neuron_block: int) -> None:
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
     if counterfactual not in COUNTERFACTUALS:

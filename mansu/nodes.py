@@ -84,11 +84,11 @@ def node_layout(model: nn.Module) -> NodeLayout:
     """The model's heads and neurons, found from its own module structure."""
     config = model.config
     for structure in _STRUCTURES:
-        layers = _find(model, structure.layers)
+        layers = find_module(model, structure.layers)
         if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
             continue
         names = (*structure.qkv, structure.head_out, *structure.neuron_in, structure.neuron_out)
-        if all(_find(layers[0], name) is not None for name in names):
+        if all(find_module(layers[0], name) is not None for name in names):
             break
     else:
         raise UnsupportedArchitectureError(
@@ -96,7 +96,7 @@ def node_layout(model: nn.Module) -> NodeLayout:
             f"supported by attribution: its layers have none of the module layouts it knows "
             f"({SUPPORTED}; e.g. self_attn.o_proj + mlp.down_proj)")
     n_heads = config.num_attention_heads
-    head_out = _find(layers[0], structure.head_out)
+    head_out = find_module(layers[0], structure.head_out)
     attn_width = _in_features(head_out)
     if attn_width % n_heads:
         raise UnsupportedArchitectureError(
@@ -108,12 +108,12 @@ def node_layout(model: nn.Module) -> NodeLayout:
         n_heads=n_heads,
         n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
         head_dim=attn_width // n_heads,
-        n_neurons=_in_features(_find(layers[0], structure.neuron_out)),
+        n_neurons=_in_features(find_module(layers[0], structure.neuron_out)),
         hidden_size=config.hidden_size,
     )
 
 
-def _find(root: nn.Module, dotted: str) -> nn.Module | None:
+def find_module(root: nn.Module, dotted: str) -> nn.Module | None:
     try:
         return root.get_submodule(dotted)
     except AttributeError:

@@ -117,7 +117,10 @@ def verdicts(metrics: dict, *, min_forgetting: float, max_retain_drop: float,
         "forgetting": verdict(forgetting, min_forgetting, ">="),
         "retain_preservation": verdict(retain_drop, max_retain_drop, "<="),
         "quantization_permanence": verdict(gap, max_ptq_gap, "<="),
-        "structural_erasure": verdict(cad, min_cad_over_floor, ">="),
+        # CAD's definition (mansu.cad.DEFINITION) is the one its controls showed to tell erasure
+        # from downstream suppression; the verdict names it.
+        "structural_erasure": {**verdict(cad, min_cad_over_floor, ">="),
+                               "definition": metrics.get("cad", {}).get("definition")},
     }
 
 

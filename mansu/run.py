@@ -269,9 +269,9 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
     attribution: AttributionSettings = instantiate(cfg.attribution)
     if attribution.enabled:
         with stage("attribution_theta0"):
-            theta0_attr = cache.objects("attribution", key_of(model_key, cfg.attribution), lambda:
-                                        attribute_theta0(model, tokenizer, benchmark, attribution,
-                                                         scoring, seed=0))
+            theta0_attr = cache.objects(
+                "attribution", key_of(model_key, cfg.attribution, "per-item-frozen"),
+                lambda: attribute_theta0(model, tokenizer, benchmark, attribution, scoring, seed=0))
         ctx = RunContext(**{**asdict(ctx), "circuit": theta0_attr["circuit"]})
         record["metrics"]["circuit"] = theta0_attr["circuit"].to_json()
 
@@ -427,45 +427,61 @@ def attribution_items(questions: list, max_items: int | None, seed: int) -> list
 
 def attribute_theta0(model, tokenizer, benchmark: Benchmark, settings: AttributionSettings,
                      scoring: str, seed: int) -> dict:
-    """EAP-IG on θ0 for the forget and retain items, the circuit, and CAD's noise floor. It is
-    cached per θ0, so its item sample and noise-floor split take a fixed seed, not the run's: every
-    seed of a sweep is then compared against the same circuit."""
-    from mansu.cad import noise_floor
+    """EAP-IG on θ0 for the forget and retain items, the circuit, and CAD's noise floors. It is
+    cached per θ0, so its item sample and noise-floor splits take a fixed seed, not the run's:
+    every seed of a sweep is then compared against the same circuit. The forget items are
+    attributed per item once, so the floors' random halves need no further pass; θ0's gradients
+    at the circuit's outputs are kept for the ``frozen`` CAD (one more pass)."""
+    from mansu.cad import noise_floors, output_weights
     from mansu.circuit import mask_share, parameter_mask
     from mansu.eap_ig import attribute
+    from mansu.item_attribution import attribute_items, readout_matrix, write_gradients
     from mansu.selection import select
 
     forget = attribution_items(benchmark.forget.questions, settings.max_items, seed)
     retain = attribution_items(benchmark.retain.questions, settings.max_items, seed)
     kwargs = settings.attribute_kwargs(scoring)
     mean_items = retain if settings.counterfactual == "mean" else None
-    forget_attr = attribute(model, tokenizer, forget, mean_items=mean_items, **kwargs)
+    forget_items = attribute_items(model, tokenizer, forget, mean_items=mean_items, **kwargs)
     retain_attr = attribute(model, tokenizer, retain, mean_items=mean_items, **kwargs)
-    circuit = select(model, tokenizer, forget, retain, forget_attr, retain_attr,
+    circuit = select(model, tokenizer, forget, retain, forget_items.attribution, retain_attr,
                      attribute_kwargs={**kwargs, "mean_items": mean_items}, seed=seed,
                      **settings.selection_kwargs())
     circuit_share = mask_share(parameter_mask(model, circuit), model)
-    floor = noise_floor(model, tokenizer, forget, circuit, seed=seed, mean_items=mean_items,
-                        **kwargs)
-    return {"forget_items": forget, "mean_items": mean_items, "forget": forget_attr,
-            "circuit": circuit,
-            "parameter_share": circuit_share, "noise_floor": floor}
+    weights = output_weights(model, circuit)
+    gradients, forget_items.frozen = write_gradients(model, tokenizer, forget, weights,
+                                                     mean_items=mean_items, **kwargs)
+    floors = noise_floors(forget_items, circuit, weights, seed=seed)
+    return {"forget_items": forget, "mean_items": mean_items,
+            "forget": forget_items.keep_units(circuit), "weights": weights,
+            "gradients": gradients,
+            "readout": readout_matrix(model).cpu(), "circuit": circuit,
+            "parameter_share": circuit_share, "noise_floors": floors}
 
 
 def circuit_divergence(model, qmodel, tokenizer, theta0_attr: dict, settings, scoring: str,
                        run_dir: Path) -> dict:
-    """CAD of θu (and Q(θu)) on the same items, counterfactuals and metric as θ0's attribution."""
-    from mansu.cad import cad_report
-    from mansu.eap_ig import attribute, plot_attribution
+    """CAD of θu (and Q(θu)) on the same items, counterfactuals and metric as θ0's attribution,
+    every variant beside its own floor; the direct effects are read with θ0's unembedding and
+    the frozen scores with θ0's gradients."""
+    from mansu.cad import cad_report, output_weights
+    from mansu.eap_ig import plot_attribution
+    from mansu.item_attribution import attribute_items
 
     items, kwargs = theta0_attr["forget_items"], settings.attribute_kwargs(scoring)
     # With the mean counterfactual each model's own retain means are its x̃.
     kwargs["mean_items"] = theta0_attr["mean_items"]
-    after = attribute(model, tokenizer, items, **kwargs)
-    after_q = attribute(qmodel, tokenizer, items, **kwargs) if qmodel is not None else None
-    plot_attribution(theta0_attr["forget"], after, run_dir / "attribution.png")
-    report = cad_report(theta0_attr["forget"], after, theta0_attr["circuit"], a_q=after_q,
-                        floor=theta0_attr["noise_floor"])
+    kwargs["readout"] = theta0_attr["readout"]
+    kwargs["frozen_gradients"] = theta0_attr["gradients"]
+    circuit = theta0_attr["circuit"]
+    after = attribute_items(model, tokenizer, items, **kwargs)
+    after_q = attribute_items(qmodel, tokenizer, items, **kwargs) if qmodel is not None else None
+    plot_attribution(theta0_attr["forget"].attribution, after.attribution,
+                     run_dir / "attribution.png")
+    report = cad_report(theta0_attr["forget"], after, circuit, weights0=theta0_attr["weights"],
+                        weightsu=output_weights(model, circuit), floors=theta0_attr["noise_floors"],
+                        thetaq=after_q,
+                        weightsq=output_weights(qmodel, circuit) if qmodel is not None else None)
     return {**report, "circuit_parameter_share": theta0_attr["parameter_share"]}
 
 

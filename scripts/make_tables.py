@@ -72,7 +72,10 @@ def row_of(record: dict) -> dict:
     retain_loss = unlearning.get("retain_loss") or {}
     row["retain ΔNLL predicted"] = retain_loss.get("predicted_increase")
     row["retain ΔNLL held out"] = retain_loss.get("measured_heldout")
-    row["CAD − floor"] = m.get("cad", {}).get("cad_minus_floor")
+    cad = m.get("cad", {})
+    row["β"] = cad.get("beta")
+    row["CAD − floor"] = cad.get("cad_minus_floor")  # the definition the verdict uses (cad.definition)
+    row["CAD_proj − floor"] = cad.get("variants", {}).get("projection", {}).get("minus_floor")
     row["floor certificate"] = (m.get("unlearning", {}).get("certificate") or {}).get("code_flip_share")
     for name, verdict in record.get("verdicts", {}).items():
         row[f"v:{name}"] = verdict["holds"]

@@ -1,10 +1,10 @@
-"""mansu.cad: hand-worked values, the planted suppression and erasure controls, the noise floor,
-and attribution through bitsandbytes 4-bit layers."""
+"""mansu.cad: hand-worked values, per-item attribution, the noise floors, the controls CAD can fail
+(downstream suppression, erasure in the circuit, no change, a random edit), and attribution through
+bitsandbytes 4-bit layers."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 
@@ -14,9 +14,19 @@ import torch
 from test_attribution import FORGET, RETAIN, build, make_tokenizer
 from torch import nn
 
-from mansu.cad import behaviour_ratio, cad, cad_js, cad_report, noise_floor
-from mansu.circuit import parameter_mask
+from mansu.cad import (
+    DEFINITION,
+    VARIANTS,
+    behaviour_ratio,
+    cad,
+    cad_js,
+    cad_report,
+    noise_floors,
+    output_weights,
+)
+from mansu.cad_controls import run_controls
 from mansu.eap_ig import attribute
+from mansu.item_attribution import attribute_items, readout_matrix, write_gradients
 from mansu.selection import select_circuit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,67 +64,106 @@ def test_behaviour_ratio():
         behaviour_ratio(torch.tensor([1.0, -1.0]), torch.tensor([1.0, 2.0]))
 
 
-def _letter_known_by(model, tokenizer) -> tuple[int, list]:
-    """The answer letter θ0 prefers on average over FORGET, and FORGET answered with it, so that
-    θ0's mean M is positive (it 'knows' the items)."""
-    means = []
-    for letter in range(4):
-        items = [dataclasses.replace(q, answer=letter) for q in FORGET]
-        means.append(attribute(model, tokenizer, items, scoring="letter", ig_steps=1,
-                                    progress=False).metric_clean.mean())
-    letter = int(torch.stack(means).argmax())
-    return letter, [dataclasses.replace(q, answer=letter) for q in FORGET]
-
-
-def test_planted_suppression_and_erasure(tokenizer):
+def test_per_item_attribution_is_attribute_split_by_item(tokenizer):
     model = build("llama", 0.2)
-    letter, forget = _letter_known_by(model, tokenizer)
-    settings = dict(scoring="letter", progress=False)
-    a0 = attribute(model, tokenizer, forget, **settings)
-    a_r = attribute(model, tokenizer, RETAIN, **settings)
-    circuit = select_circuit(model, tokenizer, forget, a0, a_r, progress=False)
-    assert 0 < circuit.size < a0.flat().numel()
-    assert a0.metric_clean.mean() > 0
-
-    # Suppression only: a large negative bias on the answer letter's logit, after the circuit.
-    letter_id = tokenizer(" " + "ABCD"[letter])["input_ids"][0]
-    bias = torch.zeros(model.config.vocab_size)
-    bias[letter_id] = -20.0
-    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias)
-    suppressed = attribute(model, tokenizer, forget, **settings)
-    handle.remove()
-    assert cad(a0, suppressed, circuit) <= 0.1
-    assert behaviour_ratio(a0, suppressed) < 0.5
-
-    # Erasure: the circuit's heads and neurons no longer write anything.
-    erased = copy.deepcopy(model)
-    outputs = ("o_proj.weight", "down_proj.weight")
-    params = dict(erased.named_parameters())
-    with torch.no_grad():
-        for name, mask in parameter_mask(model, circuit).items():
-            if name.endswith(outputs):
-                params[name][mask] = 0.0
-    assert cad(a0, attribute(erased, tokenizer, forget, **settings), circuit) >= 0.8
+    settings = dict(scoring="cloze", ig_steps=2, batch_size=3, progress=False)
+    whole = attribute(model, tokenizer, FORGET, **settings)
+    items = attribute_items(model, tokenizer, FORGET, **settings)
+    torch.testing.assert_close(items.attribution.flat(), whole.flat())
+    torch.testing.assert_close(items.scores.mean(0), whole.flat())
+    torch.testing.assert_close(items.attribution.metric_clean, whole.metric_clean)
+    assert items.scores.shape[0] == items.direct.shape[0] == len(FORGET)
 
 
-def test_noise_floor(tokenizer):
+def test_frozen_scores_on_theta0_are_its_eap_ig_scores(tokenizer):
+    """θ0's gradient at a layer's output, read through W_out, is the EAP-IG gradient at its nodes:
+    scored with its own kept gradients θ0 gets its own scores back,
+    and attribute_items with them gives the same numbers as write_gradients."""
+    model = build("llama", 0.2)
+    settings = dict(scoring="cloze", ig_steps=2, batch_size=3, progress=False)
+    items = attribute_items(model, tokenizer, FORGET, **settings)
+    keys = [("heads", 1), ("neurons", 0)]
+    gradients, frozen = write_gradients(model, tokenizer, FORGET, keys, **settings)
+    layers, heads = len(model.model.layers), model.config.num_attention_heads
+    held = torch.zeros(layers * heads + items.scores.shape[1] - layers * heads, dtype=torch.bool)
+    held[heads: 2 * heads] = True
+    held[layers * heads: layers * heads + (items.scores.shape[1] - layers * heads) // layers] = True
+    assert frozen[:, ~held].abs().max() == 0
+    torch.testing.assert_close(frozen[:, held], items.scores[:, held], rtol=1e-4, atol=1e-6)
+    again = attribute_items(model, tokenizer, FORGET, frozen_gradients=gradients, **settings)
+    torch.testing.assert_close(again.frozen, frozen)
+
+
+def test_direct_effect_by_hand(tokenizer):
+    """The last layer's neurons feed the final norm and the unembedding only: their summed direct
+    effect under the model's own readout is Σ_entries weight · <readout[tok], W_down diff>."""
+    model = build("llama", 0.2)
+    items = attribute_items(model, tokenizer, FORGET[:1], scoring="letter", progress=False)
+    readout = readout_matrix(model)
+    letter_ids = [tokenizer(" " + c)["input_ids"][0] for c in "ABCD"]
+    answer = FORGET[0].answer
+    weights = torch.tensor([1.0 if c == answer else -1 / 3 for c in range(4)])
+    direction = (readout[letter_ids] * weights[:, None]).sum(0)  # [d_model]
+    down = model.model.layers[-1].mlp.down_proj.weight.detach().float()
+    diff = items.diffs["neurons", len(model.model.layers) - 1][0]  # read position only
+    expected = float(direction @ (down @ diff))
+    n_heads = model.config.num_attention_heads * len(model.model.layers)
+    layer_nodes = items.direct[0, n_heads:].view(len(model.model.layers), -1)[-1]
+    assert float(layer_nodes.sum()) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_noise_floors_and_report(tokenizer):
     model = build("llama", 0.2)
     settings = dict(scoring="cloze", progress=False)
-    a0 = attribute(model, tokenizer, FORGET, **settings)
-    circuit = select_circuit(model, tokenizer, FORGET, a0,
-                                  attribute(model, tokenizer, RETAIN, **settings),
-                                  progress=False)
+    a0 = attribute_items(model, tokenizer, FORGET, **settings)
+    circuit = select_circuit(model, tokenizer, FORGET, a0.attribution,
+                             attribute(model, tokenizer, RETAIN, **settings), progress=False)
+    weights = output_weights(model, circuit)
+    _, a0.frozen = write_gradients(model, tokenizer, FORGET, weights, **settings)
     with pytest.raises(ValueError, match="at least 2 items"):
-        noise_floor(model, tokenizer, FORGET[:1], circuit, **settings)
-    # Two halves holding the same question attribute identically: the floor is exactly 0.
-    assert noise_floor(model, tokenizer, [FORGET[0]] * 4, circuit, **settings) == 0.0
-    floor = noise_floor(model, tokenizer, FORGET, circuit, **settings)
-    assert 0.0 <= floor <= 1.0
-
-    report = cad_report(a0, a0, circuit, a_q=a0, floor=floor)
-    assert report["cad"] == 0.0 and report["beta"] == 1.0 and report["cad_q"] == 0.0
-    assert report["cad_minus_floor"] == -floor
+        noise_floors(attribute_items(model, tokenizer, FORGET[:1], **settings), circuit,
+                     weights)
+    # Halves holding the same question give the same profile: every floor is exactly 0.
+    same = attribute_items(model, tokenizer, [FORGET[0]] * 4, **settings)
+    _, same.frozen = write_gradients(model, tokenizer, [FORGET[0]] * 4, weights, **settings)
+    floors = noise_floors(same, circuit, weights, splits=5)
+    assert all(f["value"] == pytest.approx(0.0, abs=1e-9) for f in floors["variants"].values())
+    floors = noise_floors(a0, circuit, weights, splits=20)
+    assert floors["items_per_half"] == 1 and floors["splits"] == 20
+    for name in VARIANTS:
+        f = floors["variants"][name]
+        assert 0.0 <= f["ci_low"] <= f["value"] <= f["ci_high"] <= 1.0
+    kept = a0.keep_units(circuit)
+    report = cad_report(kept, a0, circuit, weights0=weights, weightsu=weights, floors=floors,
+                        thetaq=a0, weightsq=weights)
+    assert report["definition"] == DEFINITION
+    assert report["beta"] == 1.0 and report["cad_q"] == 0.0
+    for name in VARIANTS:
+        assert report["variants"][name]["value"] == pytest.approx(0.0, abs=1e-9)
+    assert report["cad_minus_floor"] == pytest.approx(-floors["variants"][DEFINITION]["value"])
     json.dumps(report, allow_nan=False)
+
+
+def test_controls_separate_suppression_from_erasure(tiny):
+    """Downstream suppression leaves the circuit's activations bit-identical and the chosen CAD at
+    0; training the circuit's own weights to the same β moves it beyond its floor's interval."""
+    benchmark, model, tokenizer = tiny
+    result = run_controls(model, tokenizer, benchmark.forget.questions[:24],
+                          benchmark.retain.questions[:24],
+                          attribute_kwargs=dict(scoring="cloze", ig_steps=2, batch_size=32),
+                          target_beta=0.5, lr=1e-2, max_steps=300, splits=50)
+    controls = result["controls"]
+    assert controls["suppression"]["circuit_activations_identical"]
+    assert controls["random"]["circuit_activations_identical"]
+    assert not controls["erasure"]["circuit_activations_identical"]
+    assert controls["none"]["report"]["beta"] == 1.0
+    for name in ("suppression", "erasure"):
+        assert controls[name]["report"]["beta"] <= 0.6, (name, controls[name])
+    floor = result["floors"]["variants"][DEFINITION]
+    chosen = {name: c["report"]["variants"][DEFINITION]["value"] for name, c in controls.items()}
+    assert chosen["suppression"] == chosen["none"] == chosen["random"] == 0.0
+    assert chosen["erasure"] > floor["ci_high"]
+    assert controls["random"]["edit_norm"] == pytest.approx(controls["suppression"]["edit_norm"])
 
 
 def _to_4bit(model: nn.Module) -> tuple[nn.Module, nn.Module]:
