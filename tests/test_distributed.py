@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, compose_config
 
 from mansu.config import ConfigError
 from mansu.distributed import check_memory_options, unlearn_with_memory_options
-from tests.conftest import TINY, compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["method=npo", "method.max_steps=4", "method.stop_forget_acc=null", "method.lr=3e-3",
