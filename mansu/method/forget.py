@@ -18,7 +18,8 @@ from torch import Tensor
 from mansu.data import Split
 from mansu.losses import ga_loss, npo_loss
 from mansu.method.mask import MaskedWeight, masked_gradient
-from mansu.method.retain import eval_mode, token_nll_sum
+from mansu.method.retain import token_nll_sum
+from mansu.nodes import eval_mode
 from mansu.training import (
     Batch,
     Encoded,

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from mansu.data import Split
 from mansu.method.mask import MaskedWeight, gathered_gradients, masked_gradient
+from mansu.nodes import eval_mode
 from mansu.training import Encoded, collate_encoded, encode_texts, require, scored_answer_starts
 
 FISHERS = ("sampled", "empirical_text")
@@ -220,13 +221,3 @@ def _input_covariances(masked: Sequence[MaskedWeight], columns: dict[str, Tensor
 
 def _to(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
