@@ -1,7 +1,10 @@
 """Patching experiments on node sets: M summed over items with some nodes' outputs replaced by their
 counterfactual values (``stem_swap``: the activations on x~; ``mean``: the retain means), or with
 some weights zeroed. Each variant costs one forward per batch; M(model) and M(all patched), which
-do not depend on the variant, are computed on the first call only.
+do not depend on the variant, are computed on the first call only, and so are the counterfactual
+activations (kept while they fit in ``max_source_bytes``: the selection rules call the evaluator tens
+of times with one variant, where recomputing them doubled the cost; a cached value is the same
+tensor the pass would compute, so results do not change).
 
 Two read-outs, both normalized by the whole effect of the counterfactual, D = M(model) - M(all
 nodes patched), summed over items:
@@ -32,7 +35,8 @@ class PatchEvaluator:
     """M on ``items`` (``attr``'s scoring and counterfactual) under node patches and weight edits."""
 
     def __init__(self, model: nn.Module, tokenizer, items: Sequence, attr: Attribution, *,
-                 batch_size: int = 8, progress: bool = True, desc: str = "patching"):
+                 batch_size: int = 8, progress: bool = True, desc: str = "patching",
+                 max_source_bytes: int = 2 << 30):
         self.model, self.attr, self.progress, self.desc = model, attr, progress, desc
         self.layout = node_layout(model)
         neutral = (neutral_ids(tokenizer, attr.neutral_stem)
@@ -42,6 +46,22 @@ class PatchEvaluator:
         self.pad_id = pad_id_of(tokenizer)
         self.n_nodes = attr.flat().numel()
         self.reference: tuple[float, float] | None = None
+        self.max_source_bytes = max_source_bytes
+        self._sources: list[dict] | None = None  # counterfactual activations per batch, or None
+
+    def _counterfactual(self, index: int, batch, embed) -> dict:
+        """The batch's node activations on x~, from the first pass's copy when it was kept."""
+        if self._sources is not None and index < len(self._sources):
+            return self._sources[index]
+        source: dict = {}
+        with node_hooks(self.model, self.layout, capture(source)):
+            kept_logits(self.model, embed(batch.corrupt), batch)
+        if self._sources is not None and index == len(self._sources):
+            self._sources.append(source)
+            if sum(t.numel() * t.element_size() for s in self._sources for t in s.values()) \
+                    > self.max_source_bytes:
+                self._sources = None  # too large to keep: every call recomputes them
+        return source
 
     def faithfulness(self, node_sets: list[Tensor]) -> list[float]:
         totals = self._totals([self._patch(s, inside=False) for s in node_sets])
@@ -72,17 +92,16 @@ class PatchEvaluator:
         totals = torch.zeros(len(variants), dtype=torch.float64)
         clean_total = patched_total = 0.0
         batches = iter_batches(self.rows, self.batch_size, self.pad_id, embed.weight.device)
+        if self.reference is None and attr.baseline is None:
+            self._sources = []
         with eval_mode(model), torch.no_grad():
-            for batch in tqdm(batches, total=math.ceil(len(self.rows) / self.batch_size),
-                              desc=f"{self.desc} ({len(variants)} variants)",
-                              disable=not self.progress):
+            for index, batch in enumerate(tqdm(
+                    batches, total=math.ceil(len(self.rows) / self.batch_size),
+                    desc=f"{self.desc} ({len(variants)} variants)", disable=not self.progress,
+                    leave=False)):
                 embeds = embed(batch.clean)
-                if attr.baseline is None:
-                    source: dict = {}
-                    with node_hooks(model, layout, capture(source)):
-                        kept_logits(model, embed(batch.corrupt), batch)
-                else:
-                    source = attr.baseline.acts
+                source = (self._counterfactual(index, batch, embed) if attr.baseline is None
+                          else attr.baseline.acts)
                 if self.reference is None:
                     clean_total += float(row_metric(kept_logits(model, embeds, batch), batch,
                                                     attr.scoring).sum())

@@ -46,6 +46,7 @@ from mansu.item_attribution import ItemAttribution, circuit_units, output_projec
 from mansu.nodes import HEADS, NEURONS
 
 VARIANTS = ("projection", "cosine", "js", "activation", "write", "direct", "frozen")
+SCORE_VARIANTS = ("projection", "cosine", "js")  # need θu's EAP-IG scores (``eval.cad_scores``)
 DEFINITION = "direct"  # the one variant the controls order right (scripts/cad_controls.py)
 
 
@@ -148,15 +149,19 @@ class Profile:
         self.write = torch.cat(writes)
 
 
-def divergences(reference: Profile, other: Profile, circuit: Circuit) -> dict[str, float]:
-    """Every variant of ``other`` against ``reference``."""
-    return {"projection": cad(reference.scores, other.scores, circuit),
-            "cosine": cad_cosine(reference.scores, other.scores, circuit),
-            "js": cad_js(reference.scores, other.scores),
-            "activation": projection_divergence(reference.activation, other.activation),
-            "write": projection_divergence(reference.write, other.write),
-            "direct": cad(reference.direct, other.direct, circuit),
-            "frozen": cad(reference.frozen, other.frozen, circuit)}
+def divergences(reference: Profile, other: Profile, circuit: Circuit,
+                scores: bool = True) -> dict[str, float]:
+    """Every variant of ``other`` against ``reference`` (without ``SCORE_VARIANTS`` when not
+    ``scores``)."""
+    values = {"activation": projection_divergence(reference.activation, other.activation),
+              "write": projection_divergence(reference.write, other.write),
+              "direct": cad(reference.direct, other.direct, circuit),
+              "frozen": cad(reference.frozen, other.frozen, circuit)}
+    if scores:
+        values |= {"projection": cad(reference.scores, other.scores, circuit),
+                   "cosine": cad_cosine(reference.scores, other.scores, circuit),
+                   "js": cad_js(reference.scores, other.scores)}
+    return values
 
 
 def noise_floors(items: ItemAttribution, circuit: Circuit, weights: dict, *, splits: int = 200,
@@ -188,9 +193,12 @@ def cad_report(theta0: ItemAttribution, thetau: ItemAttribution, circuit: Circui
                weights0: dict, weightsu: dict, floors: dict, thetaq: ItemAttribution | None = None,
                weightsq: dict | None = None, definition: str = DEFINITION) -> dict:
     """JSON-ready numbers for θu (and Q(θu) when ``thetaq`` is given): every variant with its own
-    floor, and at the top level the ``definition`` that the verdict reads."""
-    if definition not in VARIANTS:
-        raise ValueError(f"unknown CAD definition {definition!r}; expected one of {VARIANTS}")
+    floor, and at the top level the ``definition`` that the verdict reads. Attributions taken
+    without EAP-IG scores (``has_scores`` False) leave the ``SCORE_VARIANTS`` out (None)."""
+    scores = thetau.has_scores and (thetaq is None or thetaq.has_scores)
+    if definition not in VARIANTS or (definition in SCORE_VARIANTS and not scores):
+        raise ValueError(f"unknown CAD definition {definition!r}; expected one of "
+                         f"{VARIANTS if scores else tuple(v for v in VARIANTS if v not in SCORE_VARIANTS)}")
     reference = Profile(theta0, circuit, weights0)
     models = {"": (thetau, weightsu)} | ({"_q": (thetaq, weightsq)} if thetaq is not None else {})
     variants = {name: {"floor": floors["variants"][name]["value"],
@@ -201,14 +209,14 @@ def cad_report(theta0: ItemAttribution, thetau: ItemAttribution, circuit: Circui
               "floor_splits": floors["splits"], "circuit_size": circuit.size,
               "circuit_faithfulness": circuit.faithfulness}
     for suffix, (items, weights) in models.items():
-        values = divergences(reference, Profile(items, circuit, weights), circuit)
+        values = divergences(reference, Profile(items, circuit, weights), circuit, scores)
         for name, value in values.items():
             variants[name]["value" + suffix] = value
             variants[name]["minus_floor" + suffix] = value - variants[name]["floor"]
         report["cad" + suffix] = values[definition]
         report["cad" + suffix + "_minus_floor"] = values[definition] - variants[definition]["floor"]
-        report["cad_projection" + suffix] = values["projection"]
-        report["cad_js" + suffix] = values["js"]
+        report["cad_projection" + suffix] = values.get("projection")
+        report["cad_js" + suffix] = values.get("js")
         report["beta" + suffix] = behaviour_ratio(theta0.attribution, items.attribution)
     report["noise_floor"] = variants[definition]["floor"]
     report["variants"] = variants

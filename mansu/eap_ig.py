@@ -108,7 +108,8 @@ def attribute(
     batches = iter_batches(rows, batch_size, pad_id_of(tokenizer), device)
     total = math.ceil(len(rows) / batch_size)
     with eval_mode(model):
-        for batch in tqdm(batches, total=total, desc="attribution", disable=not progress):
+        for batch in tqdm(batches, total=total, desc="attribution", disable=not progress,
+                          leave=False):
             clean_embeds, corrupt_embeds, diffs, m_clean, m_corrupt = endpoints(
                 model, layout, batch, scoring, baseline)
             metric_clean.index_add_(0, batch.items, m_clean.cpu())

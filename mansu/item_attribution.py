@@ -47,6 +47,7 @@ class ItemAttribution:
     attribution: Attribution
     direct: Tensor
     frozen: Tensor  # [n_items, n_nodes]: the scores with θ0's gradient (``frozen_gradients``)
+    has_scores: bool = True  # False: the EAP-IG passes were skipped (``scores`` is zero)
 
     @property
     def n_items(self) -> int:
@@ -56,7 +57,7 @@ class ItemAttribution:
         """Only the circuit's units' diffs (what CAD reads), to keep θ0's cached copy small."""
         keep = circuit_units(circuit, self.diffs)
         return ItemAttribution(self.scores, {k: v[:, keep[k]] for k, v in self.diffs.items()},
-                               self.attribution, self.direct, self.frozen)
+                               self.attribution, self.direct, self.frozen, self.has_scores)
 
 
 def circuit_units(circuit: Circuit, diffs: dict) -> dict:
@@ -86,6 +87,7 @@ def attribute_items(
     neutral_stem: str = NEUTRAL_STEM,
     readout: Tensor | None = None,
     frozen_gradients: list[dict] | None = None,
+    scores: bool = True,
     progress: bool = True,
 ) -> ItemAttribution:
     """``attribute`` with the scores and node activation differences kept per item, at the same
@@ -94,7 +96,9 @@ def attribute_items(
     Σ over M's read entries of weight · <readout[token], W_out,v (z_v(x) - z_v(x~))>.
     ``frozen_gradients`` (``write_gradients`` of θ0 on the same items and batch size) gives
     ``frozen``: the EAP-IG score with θ0's gradient in place of this model's, Σ_pos <g0(pos),
-    W_out,v (z_v(x) - z_v(x~))(pos)>, for the nodes of the layers it holds (0 elsewhere)."""
+    W_out,v (z_v(x) - z_v(x~))(pos)>, for the nodes of the layers it holds (0 elsewhere).
+    ``scores=False`` skips the ``ig_steps`` forward-backward passes (most of the cost): ``scores``
+    and the attribution's node scores are then zero, and ``has_scores`` says so."""
     check_settings(scoring, counterfactual, ig_steps, neuron_block)
     if not items:
         raise ValueError("no items to attribute")
@@ -122,7 +126,8 @@ def attribute_items(
     batches = iter_batches(rows, batch_size, pad_id_of(tokenizer), device)
     with eval_mode(model):
         for index, batch in enumerate(tqdm(batches, total=math.ceil(len(rows) / batch_size),
-                                           desc="attribution", disable=not progress)):
+                                           desc="attribution", disable=not progress,
+                                           leave=False)):
             gradients = frozen_gradients[index] if frozen_gradients is not None else {}
             clean_embeds, corrupt_embeds, batch_diffs, m_clean, m_corrupt = endpoints(
                 model, layout, batch, scoring, baseline)
@@ -140,7 +145,7 @@ def attribute_items(
                 if key in gradients:
                     _add_nodes(frozen_heads, frozen_neurons, key, batch.items, neuron_block, layout,
                                _frozen_score(gradients[key], diff, projection))
-            for k in range(1, ig_steps + 1):
+            for k in range(1, ig_steps + 1 if scores else 1):
                 row_heads, row_neurons = ig_step_rows(
                     model, layout, batch, scoring, batch_diffs,
                     corrupt_embeds + (k / ig_steps) * (clean_embeds - corrupt_embeds))
@@ -154,7 +159,8 @@ def attribute_items(
                        ig_steps=ig_steps, neutral_stem=neutral_stem, baseline=baseline)
     return ItemAttribution(torch.cat([heads.flatten(1), neurons.flatten(1)], 1), diffs, mean,
                            torch.cat([direct_heads.flatten(1), direct_neurons.flatten(1)], 1),
-                           torch.cat([frozen_heads.flatten(1), frozen_neurons.flatten(1)], 1))
+                           torch.cat([frozen_heads.flatten(1), frozen_neurons.flatten(1)], 1),
+                           has_scores=scores)
 
 
 def write_gradients(
@@ -200,7 +206,7 @@ def write_gradients(
     out = []
     with eval_mode(model):
         for batch in tqdm(iter_batches(rows, batch_size, pad_id_of(tokenizer), device),
-                          total=math.ceil(len(rows) / batch_size), desc="θ0 gradients",
+                          total=math.ceil(len(rows) / batch_size), desc="θ0 gradients", leave=False,
                           disable=not progress):
             clean_embeds, corrupt_embeds, diffs, _, _ = endpoints(model, layout, batch, scoring,
                                                                   baseline)

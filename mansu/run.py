@@ -79,6 +79,8 @@ class EvalSettings:
     other_formats: list[str] | None = None  # PTQ gaps under further formats, e.g. [fp4, int8]
     cache: bool = True                  # reuse stage results keyed by config
     cad: bool = True                    # CAD of θu and Q(θu) when the attribution stage runs
+    cad_scores: bool = True             # EAP-IG scores of θu, Q(θu) (projection/cosine/js CAD);
+                                        # false: only the gradient-free variants, ~3x cheaper
     min_forgetting: float = 0.10
     max_retain_drop: float = 0.03
     max_ptq_gap: float = 0.0
@@ -298,7 +300,7 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
         with stage("cad"):
             record["metrics"]["cad"] = circuit_divergence(
                 model, qmodel if quantized else None, tokenizer, theta0_attr, attribution,
-                scoring, run_dir)
+                scoring, run_dir, scores=settings.cad_scores)
     if quantized:
         del qmodel
     # Per-question outcomes go beside the record (for paired comparisons across runs), not in it.
@@ -460,7 +462,7 @@ def attribute_theta0(model, tokenizer, benchmark: Benchmark, settings: Attributi
 
 
 def circuit_divergence(model, qmodel, tokenizer, theta0_attr: dict, settings, scoring: str,
-                       run_dir: Path) -> dict:
+                       run_dir: Path, scores: bool = True) -> dict:
     """CAD of θu (and Q(θu)) on the same items, counterfactuals and metric as θ0's attribution,
     every variant beside its own floor; the direct effects are read with θ0's unembedding and
     the frozen scores with θ0's gradients."""
@@ -474,10 +476,12 @@ def circuit_divergence(model, qmodel, tokenizer, theta0_attr: dict, settings, sc
     kwargs["readout"] = theta0_attr["readout"]
     kwargs["frozen_gradients"] = theta0_attr["gradients"]
     circuit = theta0_attr["circuit"]
-    after = attribute_items(model, tokenizer, items, **kwargs)
-    after_q = attribute_items(qmodel, tokenizer, items, **kwargs) if qmodel is not None else None
-    plot_attribution(theta0_attr["forget"].attribution, after.attribution,
-                     run_dir / "attribution.png")
+    after = attribute_items(model, tokenizer, items, scores=scores, **kwargs)
+    after_q = (attribute_items(qmodel, tokenizer, items, scores=scores, **kwargs)
+               if qmodel is not None else None)
+    if scores:  # the heatmap compares EAP-IG scores
+        plot_attribution(theta0_attr["forget"].attribution, after.attribution,
+                         run_dir / "attribution.png")
     report = cad_report(theta0_attr["forget"], after, circuit, weights0=theta0_attr["weights"],
                         weightsu=output_weights(model, circuit), floors=theta0_attr["noise_floors"],
                         thetaq=after_q,

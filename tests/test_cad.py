@@ -16,6 +16,7 @@ from torch import nn
 
 from mansu.cad import (
     DEFINITION,
+    SCORE_VARIANTS,
     VARIANTS,
     behaviour_ratio,
     cad,
@@ -112,14 +113,21 @@ def test_direct_effect_by_hand(tokenizer):
     assert float(layer_nodes.sum()) == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
-def test_noise_floors_and_report(tokenizer):
+def theta0_circuit(tokenizer, settings: dict):
+    """A small Llama, its per-item attribution on FORGET (with its frozen scores), the circuit
+    and its output weights, and θ0's write gradients."""
     model = build("llama", 0.2)
-    settings = dict(scoring="cloze", progress=False)
     a0 = attribute_items(model, tokenizer, FORGET, **settings)
     circuit = select_circuit(model, tokenizer, FORGET, a0.attribution,
                              attribute(model, tokenizer, RETAIN, **settings), progress=False)
     weights = output_weights(model, circuit)
-    _, a0.frozen = write_gradients(model, tokenizer, FORGET, weights, **settings)
+    gradients, a0.frozen = write_gradients(model, tokenizer, FORGET, weights, **settings)
+    return model, a0, circuit, weights, gradients
+
+
+def test_noise_floors_and_report(tokenizer):
+    settings = dict(scoring="cloze", progress=False)
+    model, a0, circuit, weights, _ = theta0_circuit(tokenizer, settings)
     with pytest.raises(ValueError, match="at least 2 items"):
         noise_floors(attribute_items(model, tokenizer, FORGET[:1], **settings), circuit,
                      weights)
@@ -142,6 +150,33 @@ def test_noise_floors_and_report(tokenizer):
         assert report["variants"][name]["value"] == pytest.approx(0.0, abs=1e-9)
     assert report["cad_minus_floor"] == pytest.approx(-floors["variants"][DEFINITION]["value"])
     json.dumps(report, allow_nan=False)
+
+
+def test_cad_without_scores_keeps_the_gradient_free_variants(tokenizer):
+    """``scores=False`` skips the EAP-IG passes: β and every gradient-free variant (the verdict's
+    ``direct`` among them) are the numbers of the full attribution; the score-based ones are None."""
+    settings = dict(scoring="cloze", progress=False)
+    model, a0, circuit, weights, gradients = theta0_circuit(tokenizer, settings)
+    floors = noise_floors(a0, circuit, weights, splits=5)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    full, cheap = (attribute_items(other, tokenizer, FORGET, frozen_gradients=gradients,
+                                   scores=scores, **settings) for scores in (True, False))
+    assert not cheap.has_scores and cheap.scores.abs().max() == 0
+    common = dict(weights0=weights, weightsu=output_weights(other, circuit), floors=floors)
+    with_scores = cad_report(a0.keep_units(circuit), full, circuit, **common)
+    without = cad_report(a0.keep_units(circuit), cheap, circuit, **common)
+    assert without["cad"] == with_scores["cad"] and without["beta"] == with_scores["beta"]
+    for name in VARIANTS:
+        if name in SCORE_VARIANTS:
+            assert "value" not in without["variants"][name] and without["cad_projection"] is None
+        else:
+            assert without["variants"][name]["value"] == with_scores["variants"][name]["value"]
+    with pytest.raises(ValueError, match="unknown CAD definition"):
+        cad_report(a0.keep_units(circuit), cheap, circuit, definition="projection", **common)
+    json.dumps(without, allow_nan=False)
 
 
 def test_controls_separate_suppression_from_erasure(tiny):

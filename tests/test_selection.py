@@ -158,3 +158,28 @@ def test_the_config_selects_the_rule():
     assert kwargs["skip_modules"] == ("lm_head",)
     with pytest.raises(ConfigError, match="attribution.select"):
         validate(compose_config(["attribution.select=both"]))
+
+
+def test_patch_evaluator_reuses_the_counterfactual_without_changing_results(setup):
+    from mansu.ablation import PatchEvaluator
+
+    model, tokenizer, attr_f, _ = setup
+    sets = [torch.tensor([neuron_node(1)]), torch.tensor([neuron_node(1), neuron_node(SHARED)])]
+    calls = []
+    hook = model.model.register_forward_hook(lambda *_: calls.append(1))  # one model pass
+    try:
+        kept = PatchEvaluator(model, tokenizer, FORGET, attr_f, progress=False)
+        fresh = PatchEvaluator(model, tokenizer, FORGET, attr_f, progress=False, max_source_bytes=0)
+        first = kept.removed(sets[:1]), fresh.removed(sets[:1])
+        calls.clear()
+        second = kept.removed(sets[1:])
+        kept_calls = len(calls)
+        calls.clear()
+        second_fresh = fresh.removed(sets[1:])
+        fresh_calls = len(calls)
+    finally:
+        hook.remove()
+    assert first[0] == first[1] and second == second_fresh  # bit-identical
+    assert second[0] > first[0][0] > 0
+    # Per batch: the variant's pass, against the variant's and the counterfactual's without the copy.
+    assert kept_calls >= 1 and fresh_calls == 2 * kept_calls
