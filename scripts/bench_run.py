@@ -7,9 +7,10 @@ CPU time, its floor and the ratio (wall / floor), and its share of the run. Floo
 
 - evaluate_*: one forward over the evaluation rows (pre-tokenised, length-sorted, logits only at
   the scored positions) of every split; quantize_*: the same (the model's own dtype, not 4-bit);
-- attribution_theta0: per item set (forget, retain), 2 forwards (clean, counterfactual) and
-  `ig_steps` forward+backward passes to the activations over the items' rows; cad: the same for
-  θu and Q(θu) on the forget items;
+- attribution_theta0: EAP-IG per item set (2 forwards and `ig_steps` forward+backward passes over
+  the items' rows), θ0's write gradients (the same on forget), one forward per node set the
+  selection evaluated, per-item backward passes for the weight cut (`attribution_floors`); cad:
+  2 forwards per model scored, plus the `ig_steps` passes when `eval.cad_scores`;
 - unlearn: steps × one forward+backward (parameter gradients) of a `method.batch_size` batch;
 - diagnostics: one NF4 reference rounding of θ0's and θu's quantized weights (no model pass);
 - noise_control: one forward over the forget rows; first_order: one forward+backward and one
@@ -20,6 +21,9 @@ On a shared machine the load of other processes adds noise; the CPU time shows h
     flock /tmp/mansu-heavy.lock python scripts/bench_run.py                # SmolLM2, GA, bf16
     python scripts/bench_run.py --tiny                                     # the tiny model
     python scripts/bench_run.py method=npo eval.other_formats=[fp4]        # any overrides
+    python scripts/bench_run.py experiment=headline method=mansu           # make run's MANSU job
+    python scripts/bench_run.py --recompute-counterfactual experiment=headline method=mansu \
+        eval.cad_scores=true                                               # ... as before issue 12
 """
 
 from __future__ import annotations
@@ -55,11 +59,18 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny model instead of SmolLM2")
     parser.add_argument("--cache-dir", default=str(ROOT / "outputs" / "cache"),
                         help="where the model (conversion/injection) is cached; stages never are")
+    parser.add_argument("--recompute-counterfactual", action="store_true",
+                        help="the selection's patching passes recompute the counterfactual "
+                             "activations on every call, as before they were kept (for a before/after)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. method.max_steps=10")
     args = parser.parse_args()
+    if args.recompute_counterfactual:
+        from mansu.ablation import PatchEvaluator
+        PatchEvaluator.__init__.__kwdefaults__["max_source_bytes"] = 0
 
-    overrides = [*(TINY if args.tiny else SMOLLM2), f"cache_dir={args.cache_dir}",
-                 "eval.cache=false", *args.overrides]
+    given = {o.split("=", 1)[0] for o in args.overrides}
+    base = [o for o in (TINY if args.tiny else SMOLLM2) if o.split("=", 1)[0] not in given]
+    overrides = [*base, f"cache_dir={args.cache_dir}", "eval.cache=false", *args.overrides]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
 
@@ -139,19 +150,42 @@ def measure_floors(cfg, record: dict) -> dict[str, float]:
 
     attribution = cfg.attribution
     if attribution.get("enabled", False):
-        ig_steps, max_items = attribution.ig_steps, attribution.max_items
-        per_set = {}
-        for name in ("forget", "retain"):
-            items = mansu_run.attribution_items(splits[name].questions, max_items, 0)
-            rows = [c + t for c, t in encode_pairs(tokenizer, [
-                (context, cont) for q in items for context, conts in [mcq_requests(q, scoring)]
-                for cont in conts])]
-            per_set[name] = (2 * rows_time(model, rows, attribution.batch_size, backward=False)
-                             + ig_steps * rows_time(model, rows, attribution.batch_size,
-                                                    backward=True))
-        floors["attribution_theta0"] = per_set["forget"] + per_set["retain"]
-        floors["cad"] = 2 * per_set["forget"]
+        floors.update(attribution_floors(cfg, record, model, tokenizer, splits, scoring))
     return floors
+
+
+def attribution_floors(cfg, record: dict, model, tokenizer, splits: dict, scoring: str) -> dict:
+    """attribution_theta0: EAP-IG on the forget and retain items (2 forwards + ig_steps
+    forward-backward passes each), θ0's write gradients for the frozen CAD (the same on forget),
+    one forward per node set the selection evaluated (read from the record: the trajectory, the
+    chosen set, the curve, the zeroed weights, plus clean, all-patched and counterfactual), and
+    the weight cut's per-item parameter gradients. cad: per model scored (θu, Q(θu)) 2 forwards,
+    plus the ig_steps passes when ``eval.cad_scores``."""
+    attribution, eval_cfg = cfg.attribution, cfg.eval
+    ig_steps, max_items = attribution.ig_steps, attribution.max_items
+    rows, forward, eap = {}, {}, {}
+    for name in ("forget", "retain"):
+        items = mansu_run.attribution_items(splits[name].questions, max_items, 0)
+        rows[name] = [c + t for c, t in encode_pairs(tokenizer, [
+            (context, cont) for q in items for context, conts in [mcq_requests(q, scoring)]
+            for cont in conts])]
+        forward[name] = rows_time(model, rows[name], attribution.batch_size, backward=False)
+        eap[name] = 2 * forward[name] + ig_steps * rows_time(model, rows[name],
+                                                             attribution.batch_size, backward=True)
+    floor = eap["forget"] + eap["retain"] + eap["forget"]
+    circuit = record["metrics"].get("circuit") or {}
+    necessity = circuit.get("necessity")
+    if necessity:
+        sets = len(necessity["trajectory"]) + len(necessity.get("ranking_curve") or []) + 2
+        floor += (3 + sets + 1) * forward["forget"] + (3 + sets) * forward["retain"]
+        weights = circuit.get("weights") or {}
+        if weights.get("node_share_of_quantized", 0) > weights.get("share_of_quantized", 1):
+            floor += sum(rows_time(model, rows[name], 4, backward=True)  # one item (4 rows) a pass
+                         for name in ("forget", "retain"))
+    cad_models = 1 + ("q_thetau" in record["metrics"]["accuracy"])
+    cad_per_model = 2 * forward["forget"] + (
+        eap["forget"] - 2 * forward["forget"] if eval_cfg.get("cad_scores", True) else 0.0)
+    return {"attribution_theta0": floor, "cad": cad_models * cad_per_model}
 
 
 def eval_rows(tokenizer, questions, scoring: str) -> list[list[int]]:
