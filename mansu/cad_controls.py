@@ -41,7 +41,7 @@ from mansu.metric import (
     row_metric,
 )
 from mansu.nodes import capture, node_hooks, node_layout
-from mansu.selection import select_circuit
+from mansu.selection import select
 
 CONTROLS = ("suppression", "erasure", "none", "random")
 # ``clean`` lets descent lower M by a question-independent shift against the answer tokens, which
@@ -154,17 +154,21 @@ def random_edit(model: nn.Module, mask: dict[str, Tensor], norm: float, seed: in
 
 
 def run_controls(model: nn.Module, tokenizer, forget: Sequence, retain: Sequence, *,
-                 attribute_kwargs: dict, threshold: float = 0.8, lam: float = 1.0,
+                 attribute_kwargs: dict, selection: dict | None = None,
                  target_beta: float = 0.5, lr: float = 1e-2, max_steps: int = 200,
                  splits: int = 200, objective: str = "contrast", seed: int = 0,
                  progress: bool = False) -> dict:
-    """θ0's circuit and floors, then every control's CAD report (θ0 is left as it was)."""
+    """θ0's circuit (``selection``: ``mansu.selection.select``'s keywords, as
+    ``AttributionSettings.selection_kwargs``; default the sufficiency rule at 0.8) and floors, then
+    every control's CAD report (θ0 is left as it was). With a weight-level circuit (``necessity``)
+    the erasure trains the circuit's selected weights only."""
     kwargs = {**attribute_kwargs, "progress": progress}
     theta0 = attribute_items(model, tokenizer, forget, **kwargs)
     retain_attr = attribute(model, tokenizer, retain, **kwargs)
-    circuit = select_circuit(model, tokenizer, forget, theta0.attribution, retain_attr,
-                             threshold=threshold, lam=lam, batch_size=kwargs.get("batch_size", 8),
-                             progress=progress)
+    selection = {"rule": "sufficiency", "batch_size": kwargs.get("batch_size", 8),
+                 **(selection or {})}
+    circuit = select(model, tokenizer, forget, retain, theta0.attribution, retain_attr,
+                     attribute_kwargs=kwargs, seed=seed, progress=progress, **selection)
     weights0 = output_weights(model, circuit)
     readout0 = readout_matrix(model)
     gradients0, theta0.frozen = write_gradients(model, tokenizer, forget, weights0, **kwargs)

@@ -3,8 +3,10 @@ the circuit, no change, a random edit; each CAD variant's value minus its own no
 
 Usage: python scripts/cad_controls.py [hydra overrides] [--out FILE.json]
   python scripts/cad_controls.py                                    # the embedded tiny model
-  flock /tmp/mansu-heavy.lock python scripts/cad_controls.py experiment=smollm2_cpu storage=fp32 \\
-      attribution.max_items=32 attribution.threshold=0.5 --lr 1e-3
+  python scripts/cad_controls.py experiment=smollm2_cpu --lr 1e-3 --max-steps 100
+      (SmolLM2, the experiment's necessity circuit: 5 nodes, 0.5% of the weights)
+  python scripts/cad_controls.py experiment=smollm2_cpu attribution.select=sufficiency \\
+      attribution.max_items=16 attribution.threshold=0.5 --lr 1e-3 --max-steps 150
 Prints a Markdown table; the chosen definition (mansu.cad.DEFINITION) must give erasure − suppression
 ≥ 0.3, none and random near 0.
 """
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     retain = attribution_items(benchmark.retain.questions, settings.max_items, 0)
     result = run_controls(model, tokenizer, forget, retain,
                           attribute_kwargs=settings.attribute_kwargs(scoring),
-                          threshold=settings.threshold, lam=settings.lam,
+                          selection=settings.selection_kwargs(),
                           target_beta=args.target_beta, lr=args.lr, max_steps=args.max_steps,
                           objective=args.objective,
                           splits=args.splits)

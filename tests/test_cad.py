@@ -179,14 +179,21 @@ def test_cad_without_scores_keeps_the_gradient_free_variants(tokenizer):
     json.dumps(without, allow_nan=False)
 
 
-def test_controls_separate_suppression_from_erasure(tiny):
+NECESSITY = {"rule": "necessity", "share_of_parameters": 0.05, "max_evaluations": 12,
+             "curve_points": 0, "check_stability": False}
+
+
+@pytest.mark.parametrize("selection", [None, NECESSITY], ids=["sufficiency", "necessity"])
+def test_controls_separate_suppression_from_erasure(tiny, selection):
     """Downstream suppression leaves the circuit's activations bit-identical and the chosen CAD at
-    0; training the circuit's own weights to the same β moves it beyond its floor's interval."""
+    0; training the circuit's own weights to the same β moves it beyond its floor's interval
+    (with the necessity rule: the circuit's selected weights only)."""
     benchmark, model, tokenizer = tiny
     result = run_controls(model, tokenizer, benchmark.forget.questions[:24],
                           benchmark.retain.questions[:24],
                           attribute_kwargs=dict(scoring="cloze", ig_steps=2, batch_size=32),
-                          target_beta=0.5, lr=1e-2, max_steps=300, splits=50)
+                          selection=selection, target_beta=0.5, lr=1e-2, max_steps=300, splits=50)
+    assert result["circuit"]["rule"] == (selection or {"rule": "sufficiency"})["rule"]
     controls = result["controls"]
     assert controls["suppression"]["circuit_activations_identical"]
     assert controls["random"]["circuit_activations_identical"]
