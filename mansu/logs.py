@@ -19,12 +19,21 @@ def _within(name: str, roots: tuple[str, ...]) -> bool:
     return any(name == root or name.startswith(root + ".") for root in roots)
 
 
+# A sweep's jobs run one after another in one process: there the terminal gets one line per job
+# (mansu.run) and these detail loggers (stage lines, each job's own table) go to run.log only.
+SWEEP_DETAIL_LOGGERS = ("mansu.stage", "mansu.table")
+
+
 class ConsoleFilter(logging.Filter):
     """Keeps a record on the console unless it is library chatter or a minor mansu INFO line."""
+
+    in_sweep = False  # set by mansu.run for a multirun's jobs
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
             return True
+        if record.name in SWEEP_DETAIL_LOGGERS:
+            return not ConsoleFilter.in_sweep
         if _within(record.name, LIBRARY_LOGGERS):
             return False
         if record.name == "py.warnings":  # a Python warning raised from an installed library

@@ -55,6 +55,8 @@ from mansu.safeguards import (
 from mansu.training import UnlearningDiverged
 
 log = logging.getLogger("mansu")
+stage_log = logging.getLogger("mansu.stage")  # one line per stage (run.log only in a sweep)
+table_log = logging.getLogger("mansu.table")  # the run's table (run.log only in a sweep)
 
 # Errors whose message says everything (names the key, file:line or folder): shown without their type.
 CLEAR_ERRORS = (ConfigError, BenchmarkFileError, ModelLoadError, UnlearningDiverged, SetupError,
@@ -151,6 +153,9 @@ def run_guarded(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> di
             return record
         raise SystemExit(f"mansu: error: {err}") from None
     quiet_log_file_errors()
+    from mansu.logs import ConsoleFilter
+
+    ConsoleFilter.in_sweep = multirun
     reserve = reserve_space(run_dir)
     try:
         run(cfg, run_dir, record)
@@ -316,8 +321,20 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
     path = atomic_write_json(run_dir / "result.json", record)
     tracker.log_record(record)
     tracker.finish(ok=True)
-    log.info("record: %s\n%s", path, summary_table(record))
+    table_log.info("\n%s", summary_table(record))
+    log.info("%s", job_line(record, path))
     return record
+
+
+def job_line(record: dict, path: Path) -> str:
+    """One terminal line per finished job: what it is, forget accuracy θ0 → θu → Q(θu), and where
+    its record is (the table of a sweep comes from scripts/make_tables.py)."""
+    acc = record["metrics"]["accuracy"]
+    forget = " → ".join(f"{acc[k]['forget']['accuracy']:.3f}" for k in ("theta0", "thetau", "q_thetau")
+                        if k in acc)
+    seconds = sum(record.get("timings", {}).values())
+    return (f"{record['choices'].get('method')} seed {record['seed']}: forget {forget} "
+            f"(θ0 → θu → Q(θu)), {seconds:.0f} s; record {path}")
 
 
 def make_context(cfg: DictConfig, run_dir: Path) -> RunContext:
@@ -344,7 +361,7 @@ def describe(cfg: DictConfig, ctx: RunContext) -> dict:
 
 @contextmanager
 def stopwatch_stage(timings: dict, name: str):
-    log.info("stage %s", name)
+    stage_log.info("stage %s", name)
     start = time.perf_counter()
     try:
         yield

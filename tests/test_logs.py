@@ -17,7 +17,8 @@ def _record(name: str, level: int, msg: str = "message", args=()) -> logging.Log
 
 def test_console_filter_keeps_stages_and_errors_and_drops_library_chatter():
     keep = ConsoleFilter().filter
-    assert keep(_record("mansu", logging.INFO, "stage load"))
+    assert keep(_record("mansu.stage", logging.INFO, "stage load"))
+    assert keep(_record("mansu", logging.INFO, "ga seed 0: forget ..."))
     assert keep(_record("mansu.models", logging.INFO, "converted ..."))
     assert not keep(_record("mansu.cache", logging.INFO, "eval: reusing ..."))
     assert keep(_record("mansu.cache", logging.WARNING, "unreadable cache entry"))
@@ -45,4 +46,23 @@ def test_tiny_run_prints_a_short_terminal_and_keeps_the_detail_in_run_log(tmp_pa
 
     run_log = (tmp_path / "run" / "run.log").read_text()
     assert "MatMul8bitLt: inputs will be cast" in run_log  # the int8 gap's per-layer notices
-    assert "[mansu][INFO] - stage other_formats" in run_log
+    assert "[mansu.stage][INFO] - stage other_formats" in run_log
+
+
+def test_a_sweep_prints_one_line_per_job_and_its_stages_go_to_run_log(tmp_path, session_cache, tiny):
+    """In a multirun the terminal gets Hydra's job lines and one summary line per job; the stage
+    lines and each job's own table stay in the job's run.log."""
+    sweep = tmp_path / "sweep"
+    out = mansu_cli(["-m", *TINY, f"cache_dir={session_cache}", "method=ga", "seed=0,1",
+                     "method.max_steps=4", "attribution=none", "eval.other_formats=[]",
+                     f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    terminal = (out.stdout + out.stderr).rstrip("\n").split("\n")
+    assert not any("stage " in line for line in terminal), "\n".join(terminal)
+    jobs = [line for line in terminal if "(θ0 → θu → Q(θu))" in line]
+    assert len(jobs) == 2 and all("result.json" in line for line in jobs)
+    assert len(terminal) <= 10, "\n".join(terminal)
+    for job in ("0_ga_seed0", "1_ga_seed1"):
+        run_log = (sweep / job / "run.log").read_text()
+        assert "[mansu.stage][INFO] - stage evaluate_thetau" in run_log
+        assert "quantization_permanence" in run_log
