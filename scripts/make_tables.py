@@ -1,9 +1,10 @@
 """Turn a sweep's result records into one table: Markdown on stdout, CSV and LaTeX beside it.
 
-Usage: python scripts/make_tables.py outputs/sweeps/<date>   [--out DIR] [--by method,storage]
+Usage: python scripts/make_tables.py outputs/sweeps/<date>   [--out DIR] [--brief] [--by method.lr]
 
-One row per (model, benchmark, method, storage, quantizer) group; numbers are means over the
-group's seeds. The PTQ-gap interval is a paired bootstrap over questions with each question's gap
+One row per (model, benchmark, method, storage, quantizer) group, split further by any config keys
+given with --by (dotted, e.g. method.lr for a tuning sweep); numbers are means over the group's
+seeds. The PTQ-gap interval is a paired bootstrap over questions with each question's gap
 averaged over seeds (from each run's predictions.json), so seeds tighten it as they should.
 """
 
@@ -45,11 +46,19 @@ def load_records(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     return records, skipped
 
 
-def row_of(record: dict) -> dict:
+def config_value(record: dict, dotted: str):
+    value = record.get("config", {})
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def row_of(record: dict, by: tuple[str, ...] = ()) -> dict:
     m, acc = record["metrics"], record["metrics"]["accuracy"]
     diag = m.get("diagnostics", {})
     row = {**{g: record.get("choices", {}).get(g) for g in ("model", "benchmark", "method")},
-           "storage": record["storage"], "quantizer": record["quantizer"], "seed": record["seed"]}
+           "storage": record["storage"], "quantizer": record["quantizer"],
+           **{key: config_value(record, key) for key in by}, "seed": record["seed"]}
     for key, label in (("theta0", "θ0"), ("thetau", "θu"), ("q_theta0", "Q(θ0)"),
                        ("q_thetau", "Q(θu)")):
         if key in acc:
@@ -98,13 +107,13 @@ def pooled_gap(records: list[dict], iters: int = 2000, seed: int = 0) -> tuple[f
     return float(gaps.mean()), float(low), float(high)
 
 
-def build_table(records: list[dict]) -> pd.DataFrame:
-    rows = pd.DataFrame([row_of(r) for r in records])
-    out = []
-    for keys, group in rows.groupby(GROUP, dropna=False, sort=False):
+def build_table(records: list[dict], by: tuple[str, ...] = ()) -> pd.DataFrame:
+    rows = pd.DataFrame([row_of(r, by) for r in records])
+    groups, out = GROUP + list(by), []
+    for keys, group in rows.groupby(groups, dropna=False, sort=False):
         members = [records[i] for i in group.index]
-        numeric = group.drop(columns=GROUP + ["seed"]).apply(pd.to_numeric, errors="coerce")
-        row = dict(zip(GROUP, keys)) | {"seeds": len(group)} | numeric.mean().to_dict()
+        numeric = group.drop(columns=groups + ["seed"]).apply(pd.to_numeric, errors="coerce")
+        row = dict(zip(groups, keys)) | {"seeds": len(group)} | numeric.mean().to_dict()
         row["PTQ gap"], row["gap low"], row["gap high"] = pooled_gap(members)
         for col in [c for c in group.columns if c.startswith("v:")]:
             held = group[col].tolist()
@@ -112,7 +121,7 @@ def build_table(records: list[dict]) -> pd.DataFrame:
         out.append(row)
     table = pd.DataFrame(out)
     varying = [c for c in GROUP if table[c].nunique(dropna=False) > 1] or ["method"]
-    return table.drop(columns=[c for c in GROUP if c not in varying])
+    return table.drop(columns=[c for c in GROUP if c not in varying and c not in by])
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -179,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: the sweep dir")
     parser.add_argument("--brief", action="store_true",
                         help="print only the headline columns, one column per method")
+    parser.add_argument("--by", default="", help="more config keys to split rows by, comma-"
+                                                 "separated and dotted (e.g. method.lr)")
     args = parser.parse_args(argv)
+    by = tuple(key for key in args.by.split(",") if key)
     if not args.sweep_dir.is_dir():
         parser.error(f"not a folder: {args.sweep_dir}")
     records, skipped = load_records(args.sweep_dir)
@@ -191,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"no finished records under {args.sweep_dir}", file=sys.stderr)
         return 1
-    table = build_table(records)
+    table = build_table(records, by)
     out = args.out or args.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)

@@ -21,6 +21,7 @@ def record(method: str, seed: int, forget_u: float, updated: float) -> dict:
                                               "retain": {"accuracy": 1.0}},
                 "q_thetau": {"forget": {"accuracy": forget_u + 0.25}, "retain": {"accuracy": 0.9}}}
     return {"status": "ok", "choices": {"model": "m", "benchmark": "b", "method": method},
+            "config": {"method": {"lr": 1e-3 * (seed + 1)}},
             "storage": "bf16", "quantizer": "nf4", "seed": seed,
             "metrics": {"accuracy": accuracy, "noise_control": {"value": 0.0},
                         "unlearning": {"updated": {"share_of_quantized": updated}},
@@ -54,6 +55,16 @@ def test_brief_table_puts_methods_side_by_side_with_seed_means(sweep, capsys):
     assert rows["PTQ gap"][:1] == ["+0.250"]  # one question in four, both seeds
     assert rows["quantization_permanence"] == ["FAILS", "FAILS"]
     assert (sweep / "table.csv").is_file()
+
+
+def test_by_splits_rows_by_a_config_key(sweep, capsys):
+    """A tuning sweep: --by method.lr gives one row per (method, lr), not a mean over lrs."""
+    assert make_tables.main([str(sweep), "--by", "method.lr"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
+    assert [(r["method"], r["method.lr"], r["seeds"], r["forget θu"]) for r in rows] == [
+        ("ga", "0.001", "1", "0.500"), ("ga", "0.002", "1", "0.250"), ("mansu", "0.001", "1", "0.500")]
 
 
 def test_headline_figure_is_written(sweep):
