@@ -28,9 +28,10 @@ $(VENV)/.installed: pyproject.toml
 # The headline: GA beside MANSU on SmolLM2-135M (real facts, bf16, NF4), then the side-by-side
 # table and the plot (conf/experiment/headline.yaml).
 run: setup
-	$(RUN_ENV) $(VENV)/bin/mansu -m experiment=headline hydra.sweep.dir=$(HEADLINE_DIR) $(ARGS)
-	$(PY) scripts/make_tables.py --brief $(HEADLINE_DIR)
-	$(PY) scripts/plot_sweep.py $(HEADLINE_DIR)
+	@echo "mansu: GA and MANSU on SmolLM2-135M, bf16, NF4 -> $(HEADLINE_DIR)"
+	@$(RUN_ENV) $(VENV)/bin/mansu -m experiment=headline hydra.sweep.dir=$(HEADLINE_DIR) $(ARGS)
+	@$(PY) scripts/make_tables.py --brief $(HEADLINE_DIR)
+	@$(PY) scripts/plot_sweep.py $(HEADLINE_DIR)
 
 # One run on the tiny embedded model (the tests' fixture): `make run-tiny ARGS="method=npo"`.
 run-tiny: setup
