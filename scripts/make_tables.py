@@ -20,6 +20,7 @@ import pandas as pd
 
 GROUP = ["model", "benchmark", "method", "storage", "quantizer"]
 MARK = {True: "✓", False: "✗", None: "–"}
+VERDICTS = ("forgetting", "retain_preservation", "quantization_permanence", "structural_erasure")
 
 
 def load_records(sweep_dir: Path) -> tuple[list[dict], list[str]]:
@@ -124,13 +125,20 @@ def build_table(records: list[dict], by: tuple[str, ...] = ()) -> pd.DataFrame:
     return table.drop(columns=[c for c in GROUP if c not in varying and c not in by])
 
 
-def markdown(table: pd.DataFrame) -> str:
+COUNTS = ("budget dropped",)  # entry counts: whole numbers with thousands separators
+
+
+def markdown(table: pd.DataFrame, by: tuple[str, ...] = (), columns: tuple[str, ...] = ()) -> str:
     def cell(col, value):
         if col.startswith("v:"):
             return MARK[None if pd.isna(value) else bool(value)]
         if isinstance(value, float):
             if np.isnan(value):
                 return "–"
+            if col in by:  # a config value as given (an lr of 3e-05 is not 0.000)
+                return f"{value:g}"
+            if col in COUNTS:
+                return f"{value:,.0f}"
             return f"{value:.3g}×" if col == "bin/update median" else f"{value:.3f}"
         return str(value)
 
@@ -142,6 +150,9 @@ def markdown(table: pd.DataFrame) -> str:
         shown = shown.drop(columns=["gap low", "gap high"])
     shown = shown.dropna(axis=1, how="all")
     cols = list(shown.columns)
+    if columns:  # the row's keys first, then the chosen columns in the given order
+        keys = [c for c in cols if c in GROUP or c in by or c == "seeds"]
+        cols = keys + [c for c in columns if c in shown.columns and c not in keys]
     if "PTQ gap" in cols and "noise gap" in cols:  # the gap beside its noise control
         cols.remove("PTQ gap")
         cols.insert(cols.index("noise gap"), "PTQ gap")
@@ -188,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: the sweep dir")
     parser.add_argument("--brief", action="store_true",
                         help="print only the headline columns, one column per method")
+    parser.add_argument("--columns", default="", help="only these columns (comma-separated, "
+                                                       "as in the header, verdicts without v:)")
     parser.add_argument("--by", default="", help="more config keys to split rows by, comma-"
                                                  "separated and dotted (e.g. method.lr)")
     args = parser.parse_args(argv)
     by = tuple(key for key in args.by.split(",") if key)
+    columns = tuple(c if c.startswith("v:") or c not in VERDICTS else f"v:{c}"
+                    for c in (c.strip() for c in args.columns.split(",")) if c)
     if not args.sweep_dir.is_dir():
         parser.error(f"not a folder: {args.sweep_dir}")
     records, skipped = load_records(args.sweep_dir)
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)
     (out / "table.tex").write_text(table.to_latex(index=False, float_format="%.3f", na_rep="--"))
-    print(brief(table) if args.brief else markdown(table))
+    print(brief(table) if args.brief else markdown(table, by, columns))
     print(f"\nwrote {out / 'table.csv'} and {out / 'table.tex'}", file=sys.stderr)
     return 0
 

@@ -67,6 +67,13 @@ def test_by_splits_rows_by_a_config_key(sweep, capsys):
         ("ga", "0.001", "1", "0.500"), ("ga", "0.002", "1", "0.250"), ("mansu", "0.001", "1", "0.500")]
 
 
+def test_columns_picks_and_orders_what_is_printed(sweep, capsys):
+    assert make_tables.main([str(sweep), "--columns", "forget Q(θu),forgetting,forget θu"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "method", "seeds", "forget Q(θu)", "forgetting", "forget θu"]
+
+
 def test_headline_figure_is_written(sweep):
     assert plot_sweep.main([str(sweep)]) == 0
     assert (sweep / "headline.png").stat().st_size > 10_000
