@@ -139,6 +139,8 @@ def markdown(table: pd.DataFrame, by: tuple[str, ...] = (), columns: tuple[str, 
                 return f"{value:g}"
             if col in COUNTS:
                 return f"{value:,.0f}"
+            if col == "updated share":  # MANSU writes under 0.1% of the weights
+                return f"{value:.4f}"
             return f"{value:.3g}×" if col == "bin/update median" else f"{value:.3f}"
         return str(value)
 
