@@ -220,7 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"no finished records under {args.sweep_dir}", file=sys.stderr)
         return 1
+    missing = [key for key in by if all(config_value(r, key) is None for r in records)]
+    if missing:
+        parser.error(f"--by: no record's config has {', '.join(map(repr, missing))}")
     table = build_table(records, by)
+    unknown = [c for c in columns if c not in table.columns and c != "PTQ gap"]
+    if unknown:
+        parser.error(f"--columns: no column {', '.join(map(repr, unknown))} in this table; "
+                     f"columns: {', '.join(c.removeprefix('v:') for c in table.columns)}")
     out = args.out or args.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)

@@ -65,6 +65,9 @@ def test_by_splits_rows_by_a_config_key(sweep, capsys):
     rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
     assert [(r["method"], r["method.lr"], r["seeds"], r["forget θu"]) for r in rows] == [
         ("ga", "0.001", "1", "0.500"), ("ga", "0.002", "1", "0.250"), ("mansu", "0.001", "1", "0.500")]
+    with pytest.raises(SystemExit):
+        make_tables.main([str(sweep), "--by", "method.lrr"])
+    assert "no record's config has 'method.lrr'" in capsys.readouterr().err
 
 
 def test_columns_picks_and_orders_what_is_printed(sweep, capsys):
@@ -72,6 +75,9 @@ def test_columns_picks_and_orders_what_is_printed(sweep, capsys):
     header = capsys.readouterr().out.splitlines()[0]
     assert [c.strip() for c in header.strip("|").split("|")] == [
         "method", "seeds", "forget Q(θu)", "forgetting", "forget θu"]
+    with pytest.raises(SystemExit):  # a misspelt column is an error naming it, not a silent drop
+        make_tables.main([str(sweep), "--columns", "forget Qu"])
+    assert "no column 'forget Qu'" in capsys.readouterr().err
 
 
 def test_headline_figure_is_written(sweep):
