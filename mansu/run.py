@@ -37,6 +37,7 @@ from mansu.preflight import report as preflight_report
 from mansu.record import (
     atomic_save_tensors,
     atomic_write_json,
+    atomic_write_text,
     environment,
     paired_bootstrap,
     summary_table,
@@ -50,6 +51,7 @@ from mansu.safeguards import (
     claim_run_dir,
     quiet_log_file_errors,
     release,
+    release_claim,
     reserve_space,
 )
 from mansu.training import UnlearningDiverged
@@ -146,12 +148,21 @@ def run_guarded(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> di
     record: dict = {"status": "running", "run_dir": str(run_dir)}
     try:
         claim_run_dir(run_dir)
+        try:
+            finished = finished_before(cfg, run_dir)
+        except SetupError:
+            release_claim(run_dir)
+            raise
     except SetupError as err:  # the folder is another run's: write nothing into it
         record.update(status="failed", error=f"SetupError: {err}")
         if multirun:
             log.error("%s", err)
             return record
         raise SystemExit(f"mansu: error: {err}") from None
+    if finished is not None:
+        release_claim(run_dir)
+        log.info("%s (finished before: not run again)", job_line(finished, run_dir / "result.json"))
+        return finished
     quiet_log_file_errors()
     from mansu.logs import ConsoleFilter
 
@@ -172,6 +183,64 @@ def run_guarded(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> di
         raise SystemExit(f"mansu: error: {message} (record: {path})") from None
     finally:
         release(reserve)
+        release_claim(run_dir)
+
+
+def finished_before(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """Rerunning a sweep into its folder resumes it: a job whose folder holds a finished record of
+    the same config is done and returns that record; a failed or unreadable record is kept as
+    result.attempt-<n>.json and the job runs again (its finished stages come from the cache); a
+    finished record of another config is refused, since the folder is that run's."""
+    import json
+
+    path = run_dir / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and old.get("status") == "ok":
+        try:
+            config = OmegaConf.to_container(cfg, resolve=True)
+        except Exception as err:  # the run would fail on it too; the finished record stays
+            raise SetupError(f"the config does not resolve ({one_line(err)})") from None
+        differ = differing_keys(old.get("config", {}), config)
+        if not differ:
+            return old
+        restore_hydra_files(run_dir, old)
+        shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+        raise SetupError(f"run folder {run_dir} holds a finished run of another config ({shown} "
+                         f"differ); give this run its own hydra.sweep.dir or hydra.run.dir")
+    attempt = 1
+    while (run_dir / f"result.attempt-{attempt}.json").exists():
+        attempt += 1
+    path.replace(run_dir / f"result.attempt-{attempt}.json")
+    return None
+
+
+def restore_hydra_files(run_dir: Path, record: dict) -> None:
+    """Hydra writes the new job's .hydra/config.yaml and overrides.yaml before any code of ours runs;
+    a refused job puts the finished run's back (config resolved, as the record holds it)."""
+    hydra_dir = run_dir / ".hydra"
+    if not hydra_dir.is_dir():
+        return
+    atomic_write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(record["config"])))
+    if "overrides" in record:
+        atomic_write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(
+            list(record["overrides"]))))
+
+
+def differing_keys(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (added and removed keys too)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [key for name in sorted(set(old) | set(new), key=str)
+                for key in differing_keys(old.get(name, _MISSING), new.get(name, _MISSING),
+                                          f"{prefix}{name}.")]
+    return [] if old == new else [prefix.rstrip(".") or "config"]
+
+
+_MISSING = object()
 
 
 def root_cause(err: BaseException) -> BaseException:
@@ -354,8 +423,9 @@ def describe(cfg: DictConfig, ctx: RunContext) -> dict:
     if HydraConfig.initialized():
         runtime = HydraConfig.get().runtime.choices
         choices = {g: runtime.get(g) for g in ("model", "benchmark", "method", "quantizer")}
-    return {"choices": choices, "seed": ctx.seed, "storage": ctx.storage, "device": ctx.device,
-            "quantizer": cfg.quantizer.quant_type,
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return {"choices": choices, "overrides": overrides, "seed": ctx.seed, "storage": ctx.storage,
+            "device": ctx.device, "quantizer": cfg.quantizer.quant_type,
             "config": OmegaConf.to_container(cfg, resolve=True)}
 
 

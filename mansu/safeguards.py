@@ -25,20 +25,68 @@ class SetupError(RuntimeError):
 
 
 def claim_run_dir(run_dir: Path) -> None:
-    """Take the run folder for this run alone: two runs writing one folder would mix their files."""
+    """Take the run folder for this run alone: two runs writing one folder would mix their files.
+    The claim lasts while the run runs (release_claim); one left by a process that died on this host
+    (killed, out of memory) is taken over, so rerunning a sweep resumes its crashed jobs."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(run_dir / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        owner = (run_dir / CLAIM).read_text(errors="replace").strip()
-        raise SetupError(f"run folder {run_dir} is already used by another run ({owner}); "
-                         f"give each run its own hydra.run.dir") from None
-    except OSError as err:
-        raise SetupError(f"output folder {run_dir} is not writable ({err.strerror}); "
-                         f"set output_root=... or MANSU_OUTPUTS to a writable folder") from None
+    claim = run_dir / CLAIM
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            owner = claim.read_text(errors="replace").strip()
+            if not (claim_is_stale(owner) and take_over(claim, owner)):
+                raise SetupError(f"run folder {run_dir} is already used by another run ({owner}); "
+                                 f"give each run its own hydra.run.dir (if that run is no longer "
+                                 f"running, delete {claim})") from None
+        except OSError as err:
+            raise SetupError(f"output folder {run_dir} is not writable ({err.strerror}); "
+                             f"set output_root=... or MANSU_OUTPUTS to a writable folder") from None
+    else:
+        raise SetupError(f"run folder {run_dir} was claimed by another run just now; "
+                         f"give each run its own hydra.run.dir")
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+
+
+def release_claim(run_dir: Path) -> None:
+    (run_dir / CLAIM).unlink(missing_ok=True)
+
+
+def claim_is_stale(owner: str) -> bool:
+    """Only a claim from this host can be checked: its process is gone. Another host's claim is
+    left alone (its run may still be going); the error says how to release it."""
+    try:
+        info = json.loads(owner)
+        host, pid = info["host"], int(info["pid"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def take_over(claim: Path, owner: str) -> bool:
+    """Move the dead run's claim aside; False if another process took it first (the rename fails,
+    or what was moved is no longer the dead run's claim, which is then put back)."""
+    aside = claim.with_name(f"{CLAIM}.stale-{os.getpid()}")
+    try:
+        os.rename(claim, aside)
+    except FileNotFoundError:
+        return True  # removed meanwhile: try to create it again
+    if aside.read_text(errors="replace").strip() != owner:
+        os.rename(aside, claim)
+        return False
+    aside.unlink(missing_ok=True)
+    return True
 
 
 def check_writable(folder: Path, what: str, fix: str) -> None:

@@ -197,6 +197,75 @@ def test_a_folder_already_taken_is_refused_without_touching_it(tmp_path, session
     assert not (tmp_path / "run" / "result.json").exists()
 
 
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_claim_left_by_a_dead_process_is_taken_over_and_another_hosts_is_not(tmp_path):
+    import socket
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".mansu-run").write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid()}))
+    claim_run_dir(folder)  # the killed run's folder is this run's now
+    assert json.loads((folder / ".mansu-run").read_text())["pid"] == os.getpid()
+    assert [p.name for p in folder.iterdir()] == [".mansu-run"]
+    (folder / ".mansu-run").write_text(json.dumps({"host": "another-node", "pid": 1}))
+    with pytest.raises(SetupError, match=r"already used by another run .*delete .*\.mansu-run"):
+        claim_run_dir(folder)
+
+
+def test_a_finished_job_is_not_run_again_and_another_configs_folder_is_refused(tmp_path,
+                                                                              session_cache,
+                                                                              monkeypatch):
+    cfg = compose_config(SMALL, cache_dir=session_cache)
+    folder = tmp_path / "job"
+    folder.mkdir()
+    from omegaconf import OmegaConf
+
+    finished = {"status": "ok", "seed": 0, "choices": {"method": "ga"}, "timings": {"unlearn": 1.0},
+                "metrics": {"accuracy": {"theta0": {"forget": {"accuracy": 0.9}}}},
+                "config": OmegaConf.to_container(cfg, resolve=True)}
+    (folder / "result.json").write_text(json.dumps(finished))
+    monkeypatch.setattr(launcher, "run", lambda *a, **k: pytest.fail("a finished job ran again"))
+    assert launcher.run_guarded(cfg, folder, multirun=True) == finished
+    assert not (folder / ".mansu-run").exists()  # released: the next rerun may look too
+
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("what hydra wrote for the new job\n")
+    other = compose_config([*SMALL, "method.lr=0.5", "seed=3"], cache_dir=session_cache)
+    before = (folder / "result.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"holds a finished run of another config "
+                                         r"\(method\.lr, seed differ\)"):
+        launcher.run_guarded(other, folder)
+    assert (folder / "result.json").read_bytes() == before
+    restored = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    assert restored.seed == cfg.seed and restored.method.lr == cfg.method.lr
+
+
+def test_rerunning_a_sweep_resumes_its_crashed_job_and_keeps_the_rest(tmp_path, session_cache, tiny):
+    import socket
+
+    sweep = ["-m", *TINY, f"cache_dir={session_cache}", *CHEAP, "method=none", "seed=0,1",
+             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    assert mansu_cli(sweep, tmp_path, timeout=600).returncode == 0
+    done, crashed = sorted((tmp_path / "sweep").glob("*_none_seed*"))
+    kept = (done / "result.json").read_bytes()
+    # job 1 as a killed process leaves it: a failed record (or none) and its claim
+    (crashed / "result.json").write_text(json.dumps({"status": "failed", "error": "Killed"}))
+    (crashed / ".mansu-run").write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid()}))
+    out = mansu_cli(sweep, tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 of 2 jobs ok" in out.stderr
+    assert re.search(r"none seed 0: forget .* \(finished before: not run again\)", out.stdout)
+    assert "none seed 1: forget" in out.stdout and out.stdout.count("finished before") == 1
+    assert (done / "result.json").read_bytes() == kept
+    assert json.loads((crashed / "result.json").read_text())["status"] == "ok"
+    assert json.loads((crashed / "result.attempt-1.json").read_text())["error"] == "Killed"
+
+
 def test_not_enough_free_disk_is_found_before_any_work(tmp_path):
     with pytest.raises(SetupError, match=rf"not enough free disk for {tmp_path}"):
         check_free_disk({tmp_path: 1 << 60})
