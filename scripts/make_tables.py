@@ -118,7 +118,8 @@ def build_table(records: list[dict], by: tuple[str, ...] = ()) -> pd.DataFrame:
         row["PTQ gap"], row["gap low"], row["gap high"] = pooled_gap(members)
         for col in [c for c in group.columns if c.startswith("v:")]:
             held = group[col].tolist()
-            row[col] = None if any(h is None for h in held) else all(held)
+            row[col] = (None if any(h is None for h in held) else all(held) if len(set(held)) == 1
+                        else f"{sum(held)}/{len(held)}")  # held in some seeds: say how many
         out.append(row)
     table = pd.DataFrame(out)
     varying = [c for c in GROUP if table[c].nunique(dropna=False) > 1] or ["method"]
@@ -131,7 +132,7 @@ COUNTS = ("budget dropped",)  # entry counts: whole numbers with thousands separ
 def markdown(table: pd.DataFrame, by: tuple[str, ...] = (), columns: tuple[str, ...] = ()) -> str:
     def cell(col, value):
         if col.startswith("v:"):
-            return MARK[None if pd.isna(value) else bool(value)]
+            return value if isinstance(value, str) else MARK[None if pd.isna(value) else bool(value)]
         if isinstance(value, float):
             if np.isnan(value):
                 return "–"
@@ -179,7 +180,8 @@ def brief(table: pd.DataFrame) -> str:
         for _, r in table.iterrows():
             value = r[key]
             if key.startswith("v:"):
-                cells.append("–" if pd.isna(value) else ("holds" if value else "FAILS"))
+                cells.append(f"holds {value}" if isinstance(value, str) else "–" if pd.isna(value)
+                             else "holds" if value else "FAILS")
             elif key == "PTQ gap":
                 cells.append("–" if np.isnan(value) else
                              f"{value:+.3f} [{r['gap low']:+.3f}, {r['gap high']:+.3f}]")

@@ -83,3 +83,17 @@ def test_columns_picks_and_orders_what_is_printed(sweep, capsys):
 def test_headline_figure_is_written(sweep):
     assert plot_sweep.main([str(sweep)]) == 0
     assert (sweep / "headline.png").stat().st_size > 10_000
+
+
+def test_a_verdict_held_in_some_seeds_says_in_how_many(sweep, capsys):
+    first = sweep / "0_ga_seed0" / "result.json"
+    held = json.loads(first.read_text())
+    held["verdicts"]["quantization_permanence"]["holds"] = True
+    first.write_text(json.dumps(held))
+    assert make_tables.main([str(sweep), "--brief"]) == 0
+    rows = {line[:24].strip(): line[24:].split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["quantization_permanence"] == ["holds", "1/2", "FAILS"]
+    assert rows["forgetting"] == ["holds", "holds"]
+    assert make_tables.main([str(sweep)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ga")]
+    assert table[0].split(" | ")[-1] == "1/2 |"
