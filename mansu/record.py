@@ -19,16 +19,20 @@ PACKAGES = ("torch", "transformers", "bitsandbytes", "lm_eval", "hydra-core", "o
 def atomic_write_json(path: str | Path, obj) -> Path:
     """Write to a temp file in the same folder, fsync, rename: a killed job leaves the old file or
     the new one, never half of one."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable))
+    return _atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=_jsonable))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    return _atomic_write(path, lambda f: f.write(text))
+
+
+def _atomic_write(path: str | Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
