@@ -186,6 +186,11 @@ def run_guarded(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> di
         release_claim(run_dir)
 
 
+# Where a run writes, not what it computes: a sweep folder moved or reached through another path
+# (MANSU_OUTPUTS) still holds the same finished jobs.
+WHERE_KEYS = ("output_root", "cache_dir")
+
+
 def finished_before(cfg: DictConfig, run_dir: Path) -> dict | None:
     """Rerunning a sweep into its folder resumes it: a job whose folder holds a finished record of
     the same config is done and returns that record; a failed or unreadable record is kept as
@@ -205,7 +210,8 @@ def finished_before(cfg: DictConfig, run_dir: Path) -> dict | None:
             config = OmegaConf.to_container(cfg, resolve=True)
         except Exception as err:  # the run would fail on it too; the finished record stays
             raise SetupError(f"the config does not resolve ({one_line(err)})") from None
-        differ = differing_keys(old.get("config", {}), config)
+        differ = [key for key in differing_keys(old.get("config", {}), config)
+                  if key not in WHERE_KEYS]
         if not differ:
             return old
         restore_hydra_files(run_dir, old)

@@ -228,6 +228,7 @@ def test_a_finished_job_is_not_run_again_and_another_configs_folder_is_refused(t
     finished = {"status": "ok", "seed": 0, "choices": {"method": "ga"}, "timings": {"unlearn": 1.0},
                 "metrics": {"accuracy": {"theta0": {"forget": {"accuracy": 0.9}}}},
                 "config": OmegaConf.to_container(cfg, resolve=True)}
+    finished["config"]["output_root"] = "/elsewhere/outputs"  # the folder moved: same job
     (folder / "result.json").write_text(json.dumps(finished))
     monkeypatch.setattr(launcher, "run", lambda *a, **k: pytest.fail("a finished job ran again"))
     assert launcher.run_guarded(cfg, folder, multirun=True) == finished
