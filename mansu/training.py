@@ -122,9 +122,15 @@ def text_batches(tokenizer, texts: Sequence[str], *, batch_size: int, seed: int,
     once (``encode_texts``: truncated, answer-only labels when ``answer_starts`` is given),
     right-padded to the longest text of the batch."""
     encoded = encode_texts(tokenizer, texts, answer_starts=answer_starts, max_length=max_length)
+    return encoded_batches(encoded, batch_size=batch_size, seed=seed, device=device,
+                           pad_id=_pad_id(tokenizer))
+
+
+def encoded_batches(encoded: Sequence[Encoded], *, batch_size: int, seed: int, device,
+                    pad_id: int = 0) -> Iterator[Batch]:
+    """``text_batches`` of texts already encoded."""
     if not encoded:
         raise ValueError("no text with a token to score to make batches from")
-    pad_id = _pad_id(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(encoded), generator=generator).tolist()

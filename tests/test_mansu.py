@@ -29,7 +29,7 @@ from mansu.method.mask import (
 )
 from mansu.method.nullspace import ActivationNullspace, FisherNullspace
 from mansu.method.optimizer import MaskedAdamW
-from mansu.method.retain import nullspace_statistics
+from mansu.method.retain import mean_token_nll, nullspace_statistics, retain_texts
 from mansu.models import build_tokenizer
 from mansu.quantization import NF4_CODE, nf4_codes
 from mansu.training import collate_encoded, encode_texts, mean_nll
@@ -267,6 +267,24 @@ def test_budget_binds_on_the_final_update(budget, measure):
     assert tight["certificate"]["code_flip_share"] == 1.0
 
 
+def test_retain_weight_trains_the_null_space_texts_down():
+    """GradDiff's retain term (null-space texts only): without it, forgetting raises those texts'
+    NLL; with it, the same steps lower it."""
+    texts = retain_texts(TOKENIZER, RETAIN, loss_tokens="answer", n_nullspace=2, n_fisher=2,
+                         n_heldout=2, seed=0, max_length=512)
+    changes = {}
+    for weight in (0.0, 1.0):
+        model = tiny_llama()
+        before = mean_token_nll(model, texts.nullspace, "cpu")
+        info = unlearn(model, TOKENIZER, FORGET, RETAIN, RunContext(seed=0, circuit=small_circuit()),
+                       lr=1e-2, max_steps=5, n_retain=2, n_fisher=2, n_heldout=2,
+                       nullspace="none", floor=False, budget="none", forget_loss="ga",
+                       retain_weight=weight).info
+        assert info["retain_weight"] == weight
+        changes[weight] = mean_token_nll(model, texts.nullspace, "cpu") - before
+    assert changes[0.0] > 0 > changes[1.0]
+
+
 def test_budget_on_a_quadratic_loss_takes_the_exact_knapsack():
     # Five unit displacements on a diagonal quadratic retain loss ½ Σ F_i δ_i², F = 2, 4, 6, 8, 10:
     # costs 1..5. Gains 5, 2, 6, 4, -1: by gain per cost 0, 2, 1, 3 (4 has no gain).
@@ -318,7 +336,8 @@ def test_bad_knobs_are_refused_before_any_work():
                            ({"floor_mode": "all"}, "floor_mode must be one of"),
                            ({"loss_tokens": "prompt"}, "loss_tokens must be one of"),
                            ({"n_heldout": 0}, "n_heldout must be >= 1"),
-                           ({"retain_budget": -1.0}, "retain_budget must be >= 0")]:
+                           ({"retain_budget": -1.0}, "retain_budget must be >= 0"),
+                           ({"retain_weight": -1.0}, "retain_weight must be >= 0")]:
         with pytest.raises(ValueError, match=message):
             unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, RunContext(circuit=small_circuit()),
                     **knobs)

@@ -56,6 +56,8 @@ from mansu.training import (
     LOSS_TOKENS,
     UnlearnResult,
     check_common_knobs,
+    encoded_batches,
+    mean_nll,
     require,
     run_unlearning,
     scored_answer_starts,
@@ -78,7 +80,8 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
             circuit: Literal["attributed", "random", "full"] = "attributed",
             ig_steps: int = 5, threshold: float = 0.8, neuron_block: int = 1,
             target_forget_acc: float | None = None, eval_every: int = 10,
-            weight_decay: float = 0.0, max_length: int = 512, blocksize: int = 64,
+            retain_weight: float = 0.0, weight_decay: float = 0.0, max_length: int = 512,
+            blocksize: int = 64,
             skip_modules: tuple[str, ...] = ("lm_head",),
             max_gradient_bytes: int = 4 * 2**30) -> UnlearnResult:
     """MANSU on ``model`` in place (knobs: conf/method/mansu.yaml). ``info`` records the circuit,
@@ -89,7 +92,7 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
     _check_knobs(retain, beta=beta, forget_loss=forget_loss, loss_tokens=loss_tokens,
                  nullspace=nullspace, energy=energy, sizes=(n_retain, n_fisher, n_heldout),
                  circuit=circuit, floor_mode=floor_mode, weight_decay=weight_decay,
-                 blocksize=blocksize)
+                 blocksize=blocksize, retain_weight=retain_weight)
     check_budget(budget, retain_budget)
     linears = quantizable_linears(model, tuple(skip_modules))
     require(bool(linears), f"mansu: {type(model).__name__} has no quantizable layer (no nn.Linear "
@@ -122,9 +125,16 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
         forget_batches = text_batches(tokenizer, forget.corpus, batch_size=batch_size,
                                       seed=ctx.seed, device=device, max_length=max_length,
                                       answer_starts=scored_answer_starts(forget, loss_tokens))
+        # GradDiff's retain NLL, on the null-space texts only, so the budget's texts and the
+        # held-out check stay unseen by training (with nullspace: fisher the projection removes
+        # most of this term's direction, since those texts' gradients span what it projects off)
+        retain_batches = encoded_batches(texts.nullspace, batch_size=batch_size,
+                                         seed=ctx.seed + 1, device=device)
 
         def closure():
             loss = objective(next(forget_batches))
+            if retain_weight > 0:
+                loss = loss + retain_weight * mean_nll(model, next(retain_batches))
             optimizer.backward(loss)
             return loss.detach()
 
@@ -182,6 +192,7 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
     n_quantized = sum(linear.weight.numel() for linear in linears.values())
     result.info.update(
         method="mansu", forget_loss=forget_loss, loss_tokens=loss_tokens,
+        retain_weight=retain_weight,
         trained_parameters=int(moved.numel()),
         circuit={"kind": circuit, **(chosen_circuit.to_json() if chosen_circuit is not None
                                      else {})},
@@ -215,7 +226,8 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
 
 def _check_knobs(retain: Split, *, beta: float, forget_loss: str, loss_tokens: str,
                  nullspace: str, energy: float, sizes: tuple[int, int, int], circuit: str,
-                 floor_mode: str, weight_decay: float, blocksize: int) -> None:
+                 floor_mode: str, weight_decay: float, blocksize: int,
+                 retain_weight: float) -> None:
     for name, value, options in (("forget_loss", forget_loss, FORGET_LOSSES),
                                  ("loss_tokens", loss_tokens, LOSS_TOKENS),
                                  ("nullspace", nullspace, NULLSPACES),
@@ -227,6 +239,7 @@ def _check_knobs(retain: Split, *, beta: float, forget_loss: str, loss_tokens: s
     for name, size in zip(("n_retain", "n_fisher", "n_heldout"), sizes):
         require(size >= 1, f"mansu: {name} must be >= 1, got {size}")
     require(weight_decay >= 0, f"mansu: weight_decay must be >= 0, got {weight_decay}")
+    require(retain_weight >= 0, f"mansu: retain_weight must be >= 0, got {retain_weight}")
     require(blocksize >= 1, f"mansu: blocksize must be >= 1, got {blocksize}")
     require(len(retain.corpus) > 0,
             "mansu: the retain corpus is empty; the null space and the retain budget need it")
