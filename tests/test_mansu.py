@@ -378,6 +378,7 @@ def test_logit_margin_loss_hand_worked():
     ("mansu_random_circuit", {"circuit": "random"}),
     ("mansu_full_model", {"circuit": "full", "nullspace": "fisher"}),
     ("mansu_no_budget", {"budget": "none", "floor": True}),
+    ("mansu_no_retain_term", {"retain_weight": 0.0}),
 ])
 def test_ablations_compose_and_keep_the_tiny_sizes(option, expect):
     cfg = compose_config([f"method={option}"])
@@ -387,3 +388,13 @@ def test_ablations_compose_and_keep_the_tiny_sizes(option, expect):
     assert cfg.method.lr == tiny.lr != reference.lr  # the tiny tuning reaches every ablation
     assert {key: cfg.method[key] for key in expect} == expect
     assert cfg.method.blocksize == cfg.quantizer.blocksize
+
+
+def test_smollm2_retain_term_ablation_changes_that_knob_only():
+    """The SmolLM2 tuning turns the retain term on; its ablation turns it off again and leaves
+    every other knob as tuned (a tuning is applied after the method's own YAML)."""
+    tuned = compose_config(["method=mansu", "model=smollm2_135m"]).method
+    ablated = compose_config(["method=mansu_no_retain_term", "model=smollm2_135m"]).method
+    assert tuned.retain_weight == 1.0 and ablated.retain_weight == 0.0
+    assert {k: v for k, v in tuned.items() if k != "retain_weight"} == \
+        {k: v for k, v in ablated.items() if k != "retain_weight"}
