@@ -126,8 +126,7 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
                                       seed=ctx.seed, device=device, max_length=max_length,
                                       answer_starts=scored_answer_starts(forget, loss_tokens))
         # GradDiff's retain NLL, on the null-space texts only, so the budget's texts and the
-        # held-out check stay unseen by training (with nullspace: fisher the projection removes
-        # most of this term's direction, since those texts' gradients span what it projects off)
+        # held-out check stay unseen by training
         retain_batches = encoded_batches(texts.nullspace, batch_size=batch_size,
                                          seed=ctx.seed + 1, device=device)
 
