@@ -8,19 +8,13 @@ from typing import Literal
 
 from mansu.context import RunContext
 from mansu.data import Split
-from mansu.losses import graddiff_loss
-from mansu.training import (
-    StorageAdamW,
-    UnlearnResult,
-    check_common_knobs,
-    frozen_copy,
-    mean_nll,
-    require,
-    retain_term,
-    run_unlearning,
-    split_batches,
-    trainable_parameters,
-)
+from mansu.unlearn.batches import split_batches
+from mansu.unlearn.checks import UnlearnResult, check_common_knobs, require
+from mansu.unlearn.likelihood import mean_nll, retain_term
+from mansu.unlearn.loop import run_unlearning
+from mansu.unlearn.losses import graddiff_loss
+from mansu.unlearn.optimizers import StorageAdamW, trainable_parameters
+from mansu.unlearn.reference import frozen_copy
 
 
 def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,

@@ -6,7 +6,7 @@ L = ga_weight·(−NLL(forget)) + alpha·NLL(retain) + hinge_weight·H,
 H = ``reference``: mean relu(m − (z_θ0[y] − z_θ[y])) (the paper's abstract: the forget example's
     logits differ from the original model's by at least the margin), or
     ``alternatives``: mean relu(m + z_θ[y] − max_{v≠y} z_θ[v]) (the answer a margin below the
-    best other token), over the scored forget tokens y (mansu.losses).
+    best other token), over the scored forget tokens y (mansu.unlearn.losses).
 
 Only the abstract of the paper was available to this project: it sets the margin to "half the
 quantization step" without a number in logit units. So ``margin: null`` measures it here, once,
@@ -27,19 +27,13 @@ from torch.nn import functional as F
 from baselines.qat_nf4 import QuantizedForward, quantized_weight_names
 from mansu.context import RunContext
 from mansu.data import Split
-from mansu.losses import alternative_margin_hinge, ga_loss, logit_drop_hinge
-from mansu.training import (
-    StorageAdamW,
-    UnlearnResult,
-    check_common_knobs,
-    forward_logits,
-    frozen_copy,
-    mean_nll,
-    require,
-    run_unlearning,
-    split_batches,
-    trainable_parameters,
-)
+from mansu.unlearn.batches import split_batches
+from mansu.unlearn.checks import UnlearnResult, check_common_knobs, require
+from mansu.unlearn.likelihood import forward_logits, mean_nll
+from mansu.unlearn.loop import run_unlearning
+from mansu.unlearn.losses import alternative_margin_hinge, ga_loss, logit_drop_hinge
+from mansu.unlearn.optimizers import StorageAdamW, trainable_parameters
+from mansu.unlearn.reference import frozen_copy
 
 
 def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
@@ -99,7 +93,7 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
 
 
 def _mean_nll_of_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """mansu.training.mean_nll from logits already computed (one forward serves GA and hinge)."""
+    """mansu.unlearn.likelihood.mean_nll from logits already computed (one forward serves GA and hinge)."""
     targets = labels[:, 1:]
     return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100)
 

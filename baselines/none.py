@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mansu.context import RunContext
 from mansu.data import Split
-from mansu.training import UnlearnResult
+from mansu.unlearn.checks import UnlearnResult
 
 
 def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext) -> UnlearnResult:

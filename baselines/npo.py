@@ -12,19 +12,13 @@ import torch
 
 from mansu.context import RunContext
 from mansu.data import Split
-from mansu.losses import npo_loss
-from mansu.training import (
-    StorageAdamW,
-    UnlearnResult,
-    check_common_knobs,
-    frozen_copy,
-    require,
-    retain_term,
-    run_unlearning,
-    sequence_logprobs,
-    split_batches,
-    trainable_parameters,
-)
+from mansu.unlearn.batches import split_batches
+from mansu.unlearn.checks import UnlearnResult, check_common_knobs, require
+from mansu.unlearn.likelihood import retain_term, sequence_logprobs
+from mansu.unlearn.loop import run_unlearning
+from mansu.unlearn.losses import npo_loss
+from mansu.unlearn.optimizers import StorageAdamW, trainable_parameters
+from mansu.unlearn.reference import frozen_copy
 
 
 def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,

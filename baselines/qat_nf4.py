@@ -4,7 +4,7 @@ replaced by its bitsandbytes NF4 value, and the gradient passes the rounding as 
 (straight-through estimator), so the fp weights θ are trained for what NF4 will make of them.
 
 L = F(Q(θ)) + alpha·NLL_retain(Q(θ)), F = −NLL(forget) (``ga``) or NPO against Q(θ0) (``npo``,
-frozen, so its step-1 log-ratio is 0). Q is mansu.quantization.reference_nf4 (bit for bit
+frozen, so its step-1 log-ratio is 0). Q is mansu.quantize.quantizer.reference_nf4 (bit for bit
 bitsandbytes' CPU quantize + dequantize, from the weight as stored: bf16 weights are quantized from
 bf16), with the quantizer's blocksize and skip_modules; Q(θ) is computed once per step and shared
 by the forget and retain forwards. Parameters are stepped in ``ctx.storage`` like every baseline.
@@ -21,20 +21,14 @@ from torch.func import functional_call
 
 from mansu.context import RunContext
 from mansu.data import Split
-from mansu.losses import ga_loss, npo_loss
-from mansu.quantization import _is_skipped, reference_nf4
-from mansu.training import (
-    StorageAdamW,
-    UnlearnResult,
-    check_common_knobs,
-    frozen_copy,
-    mean_nll,
-    require,
-    run_unlearning,
-    sequence_logprobs,
-    split_batches,
-    trainable_parameters,
-)
+from mansu.quantize.quantizer import quantized_linears, reference_nf4
+from mansu.unlearn.batches import split_batches
+from mansu.unlearn.checks import UnlearnResult, check_common_knobs, require
+from mansu.unlearn.likelihood import mean_nll, sequence_logprobs
+from mansu.unlearn.loop import run_unlearning
+from mansu.unlearn.losses import ga_loss, npo_loss
+from mansu.unlearn.optimizers import StorageAdamW, trainable_parameters
+from mansu.unlearn.reference import frozen_copy
 
 
 def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
@@ -109,8 +103,7 @@ def fake_nf4(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
 
 def quantized_weight_names(model: nn.Module, skip_modules: Sequence[str]) -> list[str]:
     """The weights quantize_model turns into NF4: every nn.Linear outside skip_modules."""
-    names = [f"{name}.weight" for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and not _is_skipped(name, tuple(skip_modules))]
+    names = [f"{name}.weight" for name in quantized_linears(model, skip_modules)]
     require(len(names) > 0, f"qat_nf4: {type(model).__name__} has no nn.Linear outside "
                             f"skip_modules={list(skip_modules)}; nothing to fake-quantize")
     return names

@@ -27,16 +27,12 @@ from torch import nn
 
 from mansu.context import RunContext
 from mansu.data import Split
-from mansu.losses import rmu_loss
-from mansu.training import (
-    StorageAdamW,
-    UnlearnResult,
-    check_common_knobs,
-    frozen_copy,
-    require,
-    run_unlearning,
-    text_batches,
-)
+from mansu.unlearn.batches import text_batches
+from mansu.unlearn.checks import UnlearnResult, check_common_knobs, require
+from mansu.unlearn.loop import run_unlearning
+from mansu.unlearn.losses import rmu_loss
+from mansu.unlearn.optimizers import StorageAdamW
+from mansu.unlearn.reference import frozen_copy
 
 DECODER_LAYER_LISTS = ("model.layers", "model.language_model.layers", "transformer.h",
                        "gpt_neox.layers", "model.decoder.layers")

@@ -29,17 +29,12 @@ import torch
 
 from mansu.context import RunContext
 from mansu.data import Split
-from mansu.losses import ga_loss
-from mansu.training import (
-    StorageAdamW,
-    UnlearnResult,
-    check_common_knobs,
-    mean_nll,
-    require,
-    run_unlearning,
-    split_batches,
-    trainable_parameters,
-)
+from mansu.unlearn.batches import split_batches
+from mansu.unlearn.checks import UnlearnResult, check_common_knobs, require
+from mansu.unlearn.likelihood import mean_nll
+from mansu.unlearn.loop import run_unlearning
+from mansu.unlearn.losses import ga_loss
+from mansu.unlearn.optimizers import StorageAdamW, trainable_parameters
 
 
 def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,

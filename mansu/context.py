@@ -26,7 +26,7 @@ class RunContext:
     device: str = "cpu"
     run_dir: Path = Path(".")
     cache_dir: Path = Path("outputs/cache")
-    circuit: Any = None  # mansu.circuit.Circuit selected on θ0, when the attribution stage ran
+    circuit: Any = None  # mansu.attribution.circuit.Circuit selected on θ0, when the attribution stage ran
 
     def __post_init__(self):
         if self.storage not in STORAGE_DTYPES:

@@ -149,7 +149,7 @@ def training_profile(method_cfg: DictConfig, arch: Architecture) -> TrainingProf
     if name == "sure":
         norms = (2 * arch.num_layers + 1) * arch.hidden_size
         return TrainingProfile(every - norms, reference=False, batches=1)
-    if target.startswith("mansu.method"):
+    if target.startswith("mansu.unlearn.mansu"):
         masked = int(arch.quantized_parameters * MANSU_MASK_SHARE)
         return TrainingProfile(masked, reference=False, batches=1, sharded=False,
                                retain_grads=masked * method_cfg.get("n_retain", 64))

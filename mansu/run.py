@@ -3,311 +3,44 @@ evaluate both → diagnostics → record. Each stage is a plain function called 
 leaves (model, benchmark, method, quantizer, logger) are built from their configs' `_target_`.
 
 Q(θ0) is built and evaluated before unlearning, so θ0 never needs a second copy on the device, and
-stage results are cached by config (mansu.cache), so a sweep evaluates θ0 once and a rerun resumes.
+stage results are cached by config (mansu.io.cache), so a sweep evaluates θ0 once and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
-import sys
 import time
-import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mansu.cache import StageCache, key_of
 from mansu.config import ConfigError, validate, validate_top_level
 from mansu.context import RunContext
-from mansu.data import Benchmark, BenchmarkFileError
-from mansu.distributed import init_distributed, memory_key, unlearn_with_memory_options
-from mansu.models import ModelLoadError
-from mansu.preflight import report as preflight_report
-from mansu.record import (
+from mansu.data import Benchmark
+from mansu.io.cache import StageCache, key_of
+from mansu.io.record import (
     atomic_save_tensors,
     atomic_write_json,
-    atomic_write_text,
     environment,
-    paired_bootstrap,
     summary_table,
     verdicts,
-    write_failure_record,
 )
-from mansu.safeguards import (
-    SetupError,
+from mansu.io.safeguards import (
     check_free_disk,
     check_writable,
-    claim_run_dir,
-    quiet_log_file_errors,
-    release,
-    release_claim,
-    reserve_space,
 )
-from mansu.training import UnlearningDiverged
+from mansu.settings import AttributionSettings, EvalSettings
+from mansu.stats import paired_bootstrap
+from mansu.unlearn.sharding import init_distributed, memory_key, unlearn_with_memory_options
 
 log = logging.getLogger("mansu")
 stage_log = logging.getLogger("mansu.stage")  # one line per stage (run.log only in a sweep)
 table_log = logging.getLogger("mansu.table")  # the run's table (run.log only in a sweep)
-
-# Errors whose message says everything (names the key, file:line or folder): shown without their type.
-CLEAR_ERRORS = (ConfigError, BenchmarkFileError, ModelLoadError, UnlearningDiverged, SetupError,
-                ValueError)
-
-# A short id of this process, in the run and sweep folder names: two runs started in the same second
-# get folders of their own (conf/config.yaml: hydra.run.dir). Cached, so it resolves the same each time.
-RUN_ID = secrets.token_hex(3)
-OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, use_cache=True, replace=True)
-
-
-@dataclass
-class EvalSettings:
-    """conf/eval/: how models are scored and what the four verdicts require (METHOD.md §6)."""
-
-    batch_size: int = 32
-    bootstrap_iters: int = 1000
-    scoring: str | None = None          # None = the benchmark's own scoring
-    diagnostics: bool = True            # update-versus-bin diagnostics (METHOD.md §2)
-    noise_control: bool = True          # θu + noise of the quantizer's own error RMS
-    first_order: bool = True            # first-order split of the forget-loss change under Q
-    other_formats: list[str] | None = None  # PTQ gaps under further formats, e.g. [fp4, int8]
-    cache: bool = True                  # reuse stage results keyed by config
-    cad: bool = True                    # CAD of θu and Q(θu) when the attribution stage runs
-    cad_scores: bool = True             # EAP-IG scores of θu, Q(θu) (projection/cosine/js CAD);
-                                        # false: only the gradient-free variants, ~3x cheaper
-    min_forgetting: float = 0.10
-    max_retain_drop: float = 0.03
-    max_ptq_gap: float = 0.0
-    min_cad_over_floor: float = 0.5
-
-
-@dataclass
-class AttributionSettings:
-    """conf/attribution/: EAP-IG on θ0 selects the forget circuit; CAD compares θu and Q(θu) to it."""
-
-    enabled: bool = True
-    counterfactual: str = "stem_swap"
-    ig_steps: int = 5
-    batch_size: int = 16
-    neuron_block: int = 1
-    select: Literal["necessity", "sufficiency"] = "sufficiency"  # rule (mansu.selection)
-    threshold: float = 0.8              # sufficiency: faithfulness the circuit must reach
-    lam: float = 1.0                    # sufficiency: weight of retain in forget-specificity
-    forget_removed: float = 0.5         # necessity: share of the forget metric ablation removes
-    retain_removed: float = 0.2         # necessity: at most this share of the retain metric
-    share_of_parameters: float = 0.005  # necessity: weights kept, share of quantized Linear weights
-    max_evaluations: int = 40           # necessity: node sets tried at most
-    curve_points: int = 8               # necessity: ablation curve of the plain forget ranking
-    retain_floor: float = 0.1           # necessity: ε of the Fisher ratio, x mean retain Fisher
-    stability: bool = True              # necessity: rerun on two halves of the forget items
-    skip_modules: tuple[str, ...] = ("lm_head",)  # Linear layers left unquantized
-    max_items: int | None = 256
-
-    def selection_kwargs(self) -> dict:
-        return {"rule": self.select, "threshold": self.threshold, "lam": self.lam,
-                "forget_removed": self.forget_removed, "retain_removed": self.retain_removed,
-                "share_of_parameters": self.share_of_parameters,
-                "max_evaluations": self.max_evaluations, "curve_points": self.curve_points,
-                "retain_floor": self.retain_floor, "check_stability": self.stability,
-                "skip_modules": tuple(self.skip_modules), "batch_size": self.batch_size}
-
-    def attribute_kwargs(self, scoring: str) -> dict:
-        return {"scoring": scoring, "counterfactual": self.counterfactual,
-                "ig_steps": self.ig_steps, "batch_size": self.batch_size,
-                "neuron_block": self.neuron_block}
-
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig):
-    if cfg.preflight:  # memory estimate from the config alone: nothing is loaded (mansu.preflight)
-        return print(preflight_report(cfg, HydraConfig.get().launcher))
-    from mansu.logs import route_library_output
-
-    route_library_output()
-    return run_guarded(cfg, Path(HydraConfig.get().runtime.output_dir),
-                       multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
-
-
-def run_guarded(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> dict:
-    """Run, and whatever happens leave a record: a failed job writes what it measured and why it
-    stopped (even on a full disk); in a sweep the other jobs go on, alone it exits with one clear
-    line. The traceback goes into the record, not onto the terminal."""
-    record: dict = {"status": "running", "run_dir": str(run_dir)}
-    try:
-        claim_run_dir(run_dir)
-        try:
-            finished = finished_before(cfg, run_dir)
-        except SetupError:
-            release_claim(run_dir)
-            raise
-    except SetupError as err:  # the folder is another run's: write nothing into it
-        record.update(status="failed", error=f"SetupError: {err}")
-        if multirun:
-            log.error("%s", err)
-            return record
-        raise SystemExit(f"mansu: error: {err}") from None
-    if finished is not None:
-        release_claim(run_dir)
-        log.info("%s (finished before: not run again)", job_line(finished, run_dir / "result.json"))
-        return finished
-    quiet_log_file_errors()
-    from mansu.logs import ConsoleFilter
-
-    ConsoleFilter.in_sweep = multirun
-    reserve = reserve_space(run_dir)
-    try:
-        run(cfg, run_dir, record)
-        return record
-    except Exception as caught:  # a sweep must survive any one job's failure
-        err = root_cause(caught)
-        message = one_line(err)
-        record.update(status=getattr(err, "status", "failed"),
-                      error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
-        path = write_failure_record(run_dir / "result.json", record, reserve)
-        if multirun:
-            log.error("%s (record: %s)", message, path)
-            return record
-        raise SystemExit(f"mansu: error: {message} (record: {path})") from None
-    finally:
-        release(reserve)
-        release_claim(run_dir)
-
-
-# Where a run writes, not what it computes: a sweep folder moved or reached through another path
-# (MANSU_OUTPUTS) still holds the same finished jobs.
-WHERE_KEYS = ("output_root", "cache_dir")
-
-
-def finished_before(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """Rerunning a sweep into its folder resumes it: a job whose folder holds a finished record of
-    the same config is done and returns that record; a failed or unreadable record is kept as
-    result.attempt-<n>.json and the job runs again (its finished stages come from the cache); a
-    finished record of another config is refused, since the folder is that run's."""
-    import json
-
-    path = run_dir / "result.json"
-    if not path.is_file():
-        return None
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        old = None
-    if isinstance(old, dict) and old.get("status") == "ok":
-        try:
-            config = OmegaConf.to_container(cfg, resolve=True)
-        except Exception as err:  # the run would fail on it too; the finished record stays
-            raise SetupError(f"the config does not resolve ({one_line(err)})") from None
-        differ = [key for key in differing_keys(old.get("config", {}), config)
-                  if key not in WHERE_KEYS]
-        if not differ:
-            return old
-        restore_hydra_files(run_dir, old)
-        shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
-        raise SetupError(f"run folder {run_dir} holds a finished run of another config ({shown} "
-                         f"differ); give this run its own hydra.sweep.dir or hydra.run.dir")
-    attempt = 1
-    while (run_dir / f"result.attempt-{attempt}.json").exists():
-        attempt += 1
-    path.replace(run_dir / f"result.attempt-{attempt}.json")
-    return None
-
-
-def restore_hydra_files(run_dir: Path, record: dict) -> None:
-    """Hydra writes the new job's .hydra/config.yaml and overrides.yaml before any code of ours runs;
-    a refused job puts the finished run's back (config resolved, as the record holds it)."""
-    hydra_dir = run_dir / ".hydra"
-    if not hydra_dir.is_dir():
-        return
-    atomic_write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(record["config"])))
-    if "overrides" in record:
-        atomic_write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(
-            list(record["overrides"]))))
-
-
-def differing_keys(old, new, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved configs (added and removed keys too)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [key for name in sorted(set(old) | set(new), key=str)
-                for key in differing_keys(old.get(name, _MISSING), new.get(name, _MISSING),
-                                          f"{prefix}{name}.")]
-    return [] if old == new else [prefix.rstrip(".") or "config"]
-
-
-_MISSING = object()
-
-
-def root_cause(err: BaseException) -> BaseException:
-    """Hydra wraps a builder's error in InstantiationException; the builder's own error is the
-    clear one."""
-    while isinstance(err, InstantiationException) and err.__cause__ is not None:
-        err = err.__cause__
-    return err
-
-
-def one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or "(no message)"
-    return text if isinstance(err, CLEAR_ERRORS) else f"{type(err).__name__}: {text}"
-
-
-class Safeguards(Callback):
-    """conf/config.yaml hydra.callbacks. Before Hydra writes anything: the output folder must be
-    writable (else one line, not Hydra's traceback). After a sweep: one line per job that did not
-    finish ok, and a non-zero exit when any did not: a sweep that lost jobs must not look like a
-    success."""
-
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self.check_output(config)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.check_output(config)
-
-    @staticmethod
-    def check_output(config: DictConfig) -> None:
-        try:
-            check_writable(Path(config.output_root), "output folder",
-                           "set output_root=... or MANSU_OUTPUTS to a writable folder")
-        except SetupError as err:
-            raise SystemExit(f"mansu: error: {err}") from None
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = sorted(p.parent for p in sweep_dir.glob("*/.hydra"))
-        problems = []
-        for job in jobs:
-            status, error = job_outcome(job)
-            if status != "ok":
-                problems.append(f"  {job.name}: {status}" + (f": {error}" if error else ""))
-        lines = [f"mansu: sweep {sweep_dir}: {len(jobs) - len(problems)} of {len(jobs)} jobs ok",
-                 *problems]
-        print("\n".join(lines), file=sys.stderr)
-        if problems:
-            raise SystemExit(1)
-
-
-def job_outcome(job_dir: Path) -> tuple[str, str]:
-    import json
-
-    path = job_dir / "result.json"
-    if not path.is_file():
-        return "no record", ""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        return "unreadable record", str(err)
-    return str(record.get("status")), " ".join(str(record.get("error", "")).split())[:300]
 
 
 def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
@@ -460,7 +193,7 @@ def load(cfg: DictConfig, ctx: RunContext) -> tuple[Benchmark, torch.nn.Module, 
 
 
 def evaluate(model, tokenizer, benchmark: Benchmark, scoring: str, settings: EvalSettings) -> dict:
-    from mansu.evaluation import evaluate_mcq
+    from mansu.evaluate.mcq import evaluate_mcq
 
     splits = {"forget": benchmark.forget, "retain": benchmark.retain, **benchmark.extra_retain}
     results = {}
@@ -474,9 +207,9 @@ def evaluate(model, tokenizer, benchmark: Benchmark, scoring: str, settings: Eva
 
 def quantize(model, cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """Q(model) and its dequantized weights (float32, on CPU): dequantized once, then shared by the
-    evaluation (on CPU the 4-bit layers hold them, mansu.quantization.materialize_4bit) and the
+    evaluation (on CPU the 4-bit layers hold them, mansu.quantize.quantizer.materialize_4bit) and the
     reversal analyses."""
-    from mansu.quantization import materialize_4bit
+    from mansu.quantize.quantizer import materialize_4bit
 
     qmodel = instantiate(cfg.quantizer)(model)
     return qmodel, {name: t.cpu() for name, t in materialize_4bit(qmodel).items()}
@@ -527,11 +260,11 @@ def attribute_theta0(model, tokenizer, benchmark: Benchmark, settings: Attributi
     every seed of a sweep is then compared against the same circuit. The forget items are
     attributed per item once, so the floors' random halves need no further pass; θ0's gradients
     at the circuit's outputs are kept for the ``frozen`` CAD (one more pass)."""
-    from mansu.cad import noise_floors, output_weights
-    from mansu.circuit import mask_share, parameter_mask
-    from mansu.eap_ig import attribute
-    from mansu.item_attribution import attribute_items, readout_matrix, write_gradients
-    from mansu.selection import select
+    from mansu.attribution.circuit import mask_share, parameter_mask
+    from mansu.attribution.eap_ig import attribute
+    from mansu.attribution.items import attribute_items, readout_matrix, write_gradients
+    from mansu.attribution.selection import select
+    from mansu.cad.divergence import noise_floors, output_weights
 
     forget = attribution_items(benchmark.forget.questions, settings.max_items, seed)
     retain = attribution_items(benchmark.retain.questions, settings.max_items, seed)
@@ -559,9 +292,9 @@ def circuit_divergence(model, qmodel, tokenizer, theta0_attr: dict, settings, sc
     """CAD of θu (and Q(θu)) on the same items, counterfactuals and metric as θ0's attribution,
     every variant beside its own floor; the direct effects are read with θ0's unembedding and
     the frozen scores with θ0's gradients."""
-    from mansu.cad import cad_report, output_weights
-    from mansu.eap_ig import plot_attribution
-    from mansu.item_attribution import attribute_items
+    from mansu.attribution.eap_ig import plot_attribution
+    from mansu.attribution.items import attribute_items
+    from mansu.cad.divergence import cad_report, output_weights
 
     items, kwargs = theta0_attr["forget_items"], settings.attribute_kwargs(scoring)
     # With the mean counterfactual each model's own retain means are its x̃.
@@ -585,9 +318,9 @@ def circuit_divergence(model, qmodel, tokenizer, theta0_attr: dict, settings, sc
 def reversal_stages(metrics: dict, stage, model, quantized: dict, theta0: dict, tokenizer,
                     benchmark: Benchmark, scoring: str, settings: EvalSettings, ctx: RunContext,
                     cfg: DictConfig) -> None:
-    """Whether quantization undid the unlearning and by what mechanism (mansu.reversal)."""
-    from mansu import reversal
-    from mansu.diagnostics import update_diagnostics
+    """Whether quantization undid the unlearning and by what mechanism (mansu.reversal.analyses)."""
+    from mansu.reversal import analyses as reversal
+    from mansu.reversal.diagnostics import update_diagnostics
 
     thetau = model.state_dict()
     thetau_correct = metrics["accuracy"]["thetau"]["forget"]["correct"]
@@ -617,6 +350,3 @@ def reversal_stages(metrics: dict, stage, model, quantized: dict, theta0: dict, 
                 skip_modules=list(cfg.quantizer.skip_modules), iters=settings.bootstrap_iters,
                 **common)
 
-
-if __name__ == "__main__":
-    main()

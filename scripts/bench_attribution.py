@@ -3,7 +3,7 @@
     python scripts/bench_attribution.py [--device cpu|cuda] [--repeats 3] [--threads 1]
 
 For a tiny random Llama and a ~100M-parameter random Llama, prints the wall time of
-``mansu.eap_ig.attribute`` on one batch of cloze questions (prompt building, tokenisation and
+``mansu.attribution.eap_ig.attribute`` on one batch of cloze questions (prompt building, tokenisation and
 hooks included) divided by the time of the bare work EAP-IG needs on the same token batch:
 2 forward passes (clean, counterfactual) and m forward-backward passes, the backward giving the
 gradient of M with respect to the input embeddings only, as attribution's own backward does.
@@ -23,9 +23,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from mansu.attribution.eap_ig import attribute
+from mansu.attribution.metric import (
+    NEUTRAL_STEM,
+    build_rows,
+    iter_batches,
+    kept_logits,
+    neutral_ids,
+    row_metric,
+)
 from mansu.data import MCQ
-from mansu.eap_ig import attribute
-from mansu.metric import NEUTRAL_STEM, build_rows, iter_batches, kept_logits, neutral_ids, row_metric
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,4 +1,4 @@
-"""Benchmark mansu.evaluation against lm-eval and against the bare forward passes it needs.
+"""Benchmark mansu.evaluate.mcq against lm-eval and against the bare forward passes it needs.
 
 The model is a randomly initialised 100M-parameter Llama shaped like the small real models
 this project evaluates (SmolLM2-135M, Llama-3.2-1B scaled down): hidden 768, 12 layers,
@@ -34,8 +34,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mansu.data import MCQ
-from mansu.evaluation import encode_pairs, evaluate_mcq, mcq_requests
-from mansu.lm_eval_tasks import lm_eval_accuracy, write_local_task
+from mansu.evaluate.lm_eval_tasks import lm_eval_accuracy, write_local_task
+from mansu.evaluate.mcq import encode_pairs, evaluate_mcq, mcq_requests
 
 MODEL_CONFIG = {
     "vocab_size": 32_000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,

@@ -42,10 +42,10 @@ def child(method: str, steps: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mansu.circuit import Circuit
+    from mansu.attribution.circuit import Circuit
     from mansu.context import RunContext
     from mansu.data import Split
-    from mansu.models import build_tokenizer
+    from mansu.models.loaders import build_tokenizer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def child(method: str, steps: int) -> dict:
 
         result = unlearn(model, tokenizer, forget, retain, ctx, max_steps=steps)
     else:
-        from mansu.method import unlearn
+        from mansu.unlearn.mansu import unlearn
 
         result = unlearn(model, tokenizer, forget, retain, ctx, max_steps=steps,
                          retain_budget=1e9)

@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import mansu.run as mansu_run  # noqa: E402
-from mansu.evaluation import encode_pairs, mcq_requests  # noqa: E402
-from mansu.quantization import reference_nf4  # noqa: E402
+from mansu.evaluate.mcq import encode_pairs, mcq_requests  # noqa: E402
+from mansu.quantize.quantizer import reference_nf4  # noqa: E402
 
 SMOLLM2 = ["experiment=smollm2_cpu", "method=ga"]
 TINY = ["model=tiny", "method=ga"]
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. method.max_steps=10")
     args = parser.parse_args()
     if args.recompute_counterfactual:
-        from mansu.ablation import PatchEvaluator
+        from mansu.attribution.ablation import PatchEvaluator
         PatchEvaluator.__init__.__kwdefaults__["max_source_bytes"] = 0
 
     given = {o.split("=", 1)[0] for o in args.overrides}

@@ -1,4 +1,4 @@
-"""CAD's controls (mansu.cad_controls) on a configured model: downstream suppression, erasure in
+"""CAD's controls (mansu.cad.controls) on a configured model: downstream suppression, erasure in
 the circuit, no change, a random edit; each CAD variant's value minus its own noise floor, and β.
 
 Usage: python scripts/cad_controls.py [hydra overrides] [--out FILE.json]
@@ -7,8 +7,8 @@ Usage: python scripts/cad_controls.py [hydra overrides] [--out FILE.json]
       (SmolLM2, the experiment's necessity circuit: 5 nodes, 0.5% of the weights)
   python scripts/cad_controls.py experiment=smollm2_cpu attribution.select=sufficiency \\
       attribution.max_items=16 attribution.threshold=0.5 --lr 1e-3 --max-steps 150
-Prints a Markdown table; the chosen definition (mansu.cad.DEFINITION) must give erasure − suppression
-≥ 0.3, none and random near 0.
+Prints a Markdown table; the chosen definition (mansu.cad.divergence.DEFINITION) must give
+erasure − suppression ≥ 0.3, none and random near 0.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from mansu.cad import DEFINITION, VARIANTS  # noqa: E402
-from mansu.cad_controls import CONTROLS, OBJECTIVES, run_controls  # noqa: E402
-from mansu.run import CONF_DIR, attribution_items, load, make_context  # noqa: E402
+from mansu.cad.controls import CONTROLS, OBJECTIVES, run_controls  # noqa: E402
+from mansu.cad.divergence import DEFINITION, VARIANTS  # noqa: E402
+from mansu.cli import CONF_DIR
+from mansu.run import attribution_items, load, make_context  # noqa: E402
 
 
 def table(result: dict) -> str:

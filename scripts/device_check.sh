@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 - <<'PY'
 import torch, bitsandbytes as bnb
 from bitsandbytes.functional import quantize_4bit, dequantize_4bit
-from mansu.quantization import nf4_codes, reference_nf4
+from mansu.quantize.quantizer import nf4_codes, reference_nf4
 torch.manual_seed(0)
 print("torch", torch.__version__, "bnb", bnb.__version__, torch.cuda.get_device_name())
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -36,7 +36,7 @@ ARGS="model.hidden_size=2048 model.num_layers=16 model.num_heads=32 model.num_kv
   model.intermediate_size=5632 model.inject_lr=3e-4 model.inject_batch_size=128 model.inject_steps=600 \
   model.target_accuracy=0.9 storage=bf16 method=ga method.max_steps=20 method.lr=3e-5 \
   method.stop_forget_acc=null attribution.max_items=64 cpu_threads=null"
-python3 -m mansu.run preflight=true $ARGS
+python3 -m mansu preflight=true $ARGS
 start=$(date +%s)
 timeout 420 python3 - $ARGS <<'PY' 2>&1 | grep -v "it/s\]\|s/it\]"
 import sys, time
@@ -58,7 +58,8 @@ def measured_stage(timings, name):
 
 run.stopwatch_stage = measured_stage
 sys.argv = ["mansu", *sys.argv[1:]]
-run.main()
+import mansu.cli
+mansu.cli.main()
 PY
 echo "pipeline wall time: $(( $(date +%s) - start )) s"
 python3 - <<'PY'

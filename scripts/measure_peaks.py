@@ -53,7 +53,7 @@ def measure(overrides: list[str]) -> dict:
 
     from mansu.context import RunContext
     from mansu.data import Split
-    from mansu.models import build_tokenizer
+    from mansu.models.loaders import build_tokenizer
     from mansu.preflight import architecture_of, estimate
 
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""EAP-IG attribution, circuit selection and parameter masks (mansu.nodes, metric, eap_ig,
+"""EAP-IG attribution, circuit selection and parameter masks (mansu.attribution.nodes, metric, eap_ig,
 selection, circuit) on tiny random models of every supported family, checked against hooks and
 weights addressed by module name here (not through the module under test)."""
 
@@ -29,13 +29,13 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from mansu.circuit import Circuit, mask_share, parameter_mask
+from mansu.attribution.circuit import Circuit, mask_share, parameter_mask
+from mansu.attribution.eap_ig import Attribution, attribute, mean_baseline, plot_attribution
+from mansu.attribution.metric import NEUTRAL_STEM, build_rows, neutral_ids
+from mansu.attribution.nodes import UnsupportedArchitectureError, node_layout
+from mansu.attribution.selection.sufficiency import select_circuit, specificity
 from mansu.data import MCQ
-from mansu.eap_ig import Attribution, attribute, mean_baseline, plot_attribution
-from mansu.evaluation import choice_logprobs
-from mansu.metric import NEUTRAL_STEM, build_rows, neutral_ids
-from mansu.nodes import UnsupportedArchitectureError, node_layout
-from mansu.selection import select_circuit, specificity
+from mansu.evaluate.mcq import choice_logprobs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -22,17 +22,12 @@ from baselines import rmu, sure
 from mansu.config import validate_node
 from mansu.context import RunContext
 from mansu.data import MCQ, Split
-from mansu.models import build_tokenizer
-from mansu.training import (
-    StorageAdamW,
-    UnlearningDiverged,
-    collate,
-    mean_nll,
-    run_unlearning,
-    scored_token_counts,
-    sequence_logprobs,
-    text_batches,
-)
+from mansu.models.loaders import build_tokenizer
+from mansu.unlearn.batches import collate, text_batches
+from mansu.unlearn.checks import UnlearningDiverged
+from mansu.unlearn.likelihood import mean_nll, scored_token_counts, sequence_logprobs
+from mansu.unlearn.loop import run_unlearning
+from mansu.unlearn.optimizers import StorageAdamW
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # One module each; variants of a module (sure_update_mask) are composed by tests/test_config.py.

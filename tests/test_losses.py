@@ -7,7 +7,7 @@ import math
 import torch
 from torch.testing import assert_close
 
-from mansu.losses import (
+from mansu.unlearn.losses import (
     alternative_margin_hinge,
     ga_loss,
     graddiff_loss,

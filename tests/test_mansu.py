@@ -11,28 +11,29 @@ import torch
 from conftest import compose_config
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from mansu.circuit import Circuit
+from mansu.attribution.circuit import Circuit
 from mansu.config import validate
 from mansu.context import RunContext
 from mansu.data import MCQ, Split
-from mansu.method import unlearn
-from mansu.method.budget import candidate_order, diagonal_prefix, measured_prefix
-from mansu.method.certificate import bnb_nf4
-from mansu.method.floor import magnitude_floor
-from mansu.method.forget import logit_margin_loss
-from mansu.method.mask import (
+from mansu.models.loaders import build_tokenizer
+from mansu.quantize.quantizer import NF4_CODE, nf4_codes
+from mansu.unlearn.batches import collate_encoded, encode_texts
+from mansu.unlearn.likelihood import mean_nll
+from mansu.unlearn.mansu import unlearn
+from mansu.unlearn.mansu.budget import candidate_order, diagonal_prefix, measured_prefix
+from mansu.unlearn.mansu.certificate import bnb_nf4
+from mansu.unlearn.mansu.floor import magnitude_floor
+from mansu.unlearn.mansu.forget import logit_margin_loss
+from mansu.unlearn.mansu.mask import (
     MaskedWeight,
     build_mask,
     only_trainable,
     quantizable_linears,
     random_circuit,
 )
-from mansu.method.nullspace import ActivationNullspace, FisherNullspace
-from mansu.method.optimizer import MaskedAdamW
-from mansu.method.retain import mean_token_nll, nullspace_statistics, retain_texts
-from mansu.models import build_tokenizer
-from mansu.quantization import NF4_CODE, nf4_codes
-from mansu.training import collate_encoded, encode_texts, mean_nll
+from mansu.unlearn.mansu.nullspace import ActivationNullspace, FisherNullspace
+from mansu.unlearn.mansu.optimizer import MaskedAdamW
+from mansu.unlearn.mansu.retain import mean_token_nll, nullspace_statistics, retain_texts
 
 FORGET = Split(
     questions=[MCQ("The Veltrax virus is carried by", ("ticks", "birds", "rats", "wind"), 0),

@@ -9,7 +9,8 @@ from test_baselines import FORGET, TOKENIZER, run, snapshot, tiny_llama
 
 from baselines.margin import quantization_logit_error
 from baselines.qat_nf4 import QuantizedForward, quantized_weight_names
-from mansu.training import forward_logits, text_batches
+from mansu.unlearn.batches import text_batches
+from mansu.unlearn.likelihood import forward_logits
 
 
 def test_measured_margin_is_the_rms_nf4_error_of_the_answer_logits():

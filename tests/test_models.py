@@ -17,10 +17,10 @@ from conftest import compose_config
 from hydra.utils import instantiate
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mansu import models
 from mansu.config import validate_node
 from mansu.context import RunContext
-from mansu.models import ModelLoadError, build_tokenizer, load_gguf, load_pretrained
+from mansu.models import loaders as models
+from mansu.models.loaders import ModelLoadError, build_tokenizer, load_gguf, load_pretrained
 
 SMOLLM2_PARAMETERS = 134_515_008  # 30 layers, d=576, GQA 9/3 heads, tied 49,152-token embedding
 HUB_CONFIGS = ("zephyr_7b_beta", "llama3_1_8b_instruct", "qwen3_8b", "gemma2_9b_it")

@@ -66,7 +66,7 @@ def test_sharding_divides_the_training_state_and_mansu_is_not_sharded():
 
 def test_preflight_prints_each_stage_without_loading_weights():
     # HF_HUB_OFFLINE with no local Llama: any attempt to load would fail.
-    out = subprocess.run([sys.executable, "-m", "mansu.run", "preflight=true",
+    out = subprocess.run([sys.executable, "-m", "mansu", "preflight=true",
                           "experiment=paper_main_table", "method=npo"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -76,7 +76,7 @@ def test_preflight_prints_each_stage_without_loading_weights():
 
 
 def test_slurm_sweep_that_cannot_fit_is_refused_before_submission(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "mansu.run", "-m", "hydra/launcher=slurm",
+    out = subprocess.run([sys.executable, "-m", "mansu", "-m", "hydra/launcher=slurm",
                           "experiment=paper_main_table", "cluster.gpu_memory_gb=40",
                           f"hydra.sweep.dir={tmp_path}/sweep"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)

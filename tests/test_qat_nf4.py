@@ -10,7 +10,7 @@ from test_baselines import run, snapshot, tiny_llama
 from torch import nn
 
 from baselines.qat_nf4 import QuantizedForward, fake_nf4, quantized_weight_names
-from mansu.quantization import quantize_model, reference_nf4
+from mansu.quantize.quantizer import quantize_model, reference_nf4
 
 
 class OneLayer(nn.Module):

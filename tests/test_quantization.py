@@ -7,7 +7,7 @@ from bitsandbytes.nn import Linear4bit, Linear8bitLt
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mansu.quantization import (
+from mansu.quantize.quantizer import (
     FP4_VALUES,
     NF4_CODE,
     NF4_MIDPOINTS,
@@ -257,7 +257,7 @@ def test_bitsandbytes_cpu_bug_for_narrow_rows_is_worked_around_or_refused():
     import torch
     from torch import nn
 
-    from mansu.quantization import quantize_model, quantize_tensor, reference_nf4
+    from mansu.quantize.quantizer import quantize_model, quantize_tensor, reference_nf4
 
     torch.manual_seed(0)
     for shape in [(32, 32), (128, 32), (16, 48)]:

@@ -24,8 +24,8 @@ from mansu.benchmarks.mmlu import MMLU_TEST_SIZE, load_mmlu, mmlu_subjects, read
 from mansu.benchmarks.real_facts import half
 from mansu.config import validate_node
 from mansu.data import MCQ, BenchmarkFileError, write_mcq_jsonl
-from mansu.evaluation import choice_logprobs, evaluate_mcq
-from mansu.models import build_tokenizer
+from mansu.evaluate.mcq import choice_logprobs, evaluate_mcq
+from mansu.models.loaders import build_tokenizer
 
 BIO_DESCRIPTION = "The following are multiple choice questions (with answers) about biology.\n\n"
 
@@ -140,7 +140,7 @@ def test_wmdp_config_builds_offline_from_local_files(task, wmdp_files):
 def test_wmdp_and_mmlu_accuracy_equal_lm_evals_own_tasks(task, wmdp_files, tiny_lm, tmp_path):
     """lm-eval's own task (its YAML, only the dataset pointed at the local file) and mansu's
     evaluation of the built benchmark give the same log-likelihoods, predictions and accuracy."""
-    from mansu.lm_eval_tasks import lm_eval_accuracy
+    from mansu.evaluate.lm_eval_tasks import lm_eval_accuracy
 
     folder, questions = wmdp_files
     model, tokenizer = tiny_lm

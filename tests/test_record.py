@@ -6,22 +6,23 @@ import json
 
 import pytest
 
-from mansu import record as rec
+from mansu.io import record as rec
+from mansu.stats import paired_bootstrap
 
 
 def test_paired_bootstrap_value_and_degenerate_interval():
     before = [True, True, False, False]
     after = [True, True, True, False]
-    out = rec.paired_bootstrap(before, after, iters=200, seed=0)
+    out = paired_bootstrap(before, after, iters=200, seed=0)
     assert out["value"] == pytest.approx(0.25)
     assert out["ci_low"] <= 0.25 <= out["ci_high"]
-    same = rec.paired_bootstrap(before, before, iters=200, seed=0)
+    same = paired_bootstrap(before, before, iters=200, seed=0)
     assert same == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
 
 
 def test_paired_bootstrap_refuses_unpaired_lists():
     with pytest.raises(ValueError, match="same questions"):
-        rec.paired_bootstrap([True], [True, False])
+        paired_bootstrap([True], [True, False])
 
 
 def metrics(f0, fu, r0, ru, gap=None, cad=None):

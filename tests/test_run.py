@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, compose_config
 
+from mansu import cli
 from mansu import run as launcher
 
 FAST = ["method=ga", "method.max_steps=8", "method.batch_size=8"]
@@ -18,7 +19,7 @@ FAST = ["method=ga", "method.max_steps=8", "method.batch_size=8"]
 
 def run_tiny(tmp_path, session_cache, overrides=(), name="run"):
     cfg = compose_config([*FAST, *overrides], cache_dir=session_cache)
-    return launcher.run_guarded(cfg, tmp_path / name)
+    return cli.run_guarded(cfg, tmp_path / name)
 
 
 def test_record_has_every_metric_of_the_four_models(tmp_path, session_cache, tiny):
@@ -71,20 +72,20 @@ def test_failed_job_keeps_what_it_measured_and_rerun_finishes(tmp_path, session_
 
     monkeypatch.setattr(launcher, "reversal_stages", crash)
     cfg = compose_config([*FAST, "seed=21"], cache_dir=session_cache)
-    record = launcher.run_guarded(cfg, tmp_path / "crashed", multirun=True)
+    record = cli.run_guarded(cfg, tmp_path / "crashed", multirun=True)
     saved = json.loads((tmp_path / "crashed" / "result.json").read_text())
     assert record["status"] == saved["status"] == "failed"
     assert "simulated crash" in saved["error"]
     assert saved["metrics"]["accuracy"]["thetau"]["forget"]["n"] > 0  # measured before the crash
     monkeypatch.undo()
-    again = launcher.run_guarded(cfg, tmp_path / "rerun")
+    again = cli.run_guarded(cfg, tmp_path / "rerun")
     assert again["status"] == "ok"
     assert again["metrics"]["unlearning"] == saved["metrics"]["unlearning"]
 
 
 def test_nan_during_unlearning_is_recorded_as_diverged_with_theta0_kept(tmp_path, session_cache,
                                                                         tiny):
-    record = launcher.run_guarded(compose_config(
+    record = cli.run_guarded(compose_config(
         [*FAST, "method.lr=1e30", "attribution=none", "seed=31"], cache_dir=session_cache),
         tmp_path / "nan", multirun=True)
     saved = json.loads((tmp_path / "nan" / "result.json").read_text())
@@ -96,7 +97,7 @@ def test_nan_during_unlearning_is_recorded_as_diverged_with_theta0_kept(tmp_path
 def test_single_run_error_is_one_clear_line(tmp_path, session_cache):
     cfg = compose_config(["method=ga", "method.lr=abc"], cache_dir=session_cache)
     with pytest.raises(SystemExit, match=r"mansu: error: method\.lr: expected float, got 'abc'"):
-        launcher.run_guarded(cfg, tmp_path / "bad")
+        cli.run_guarded(cfg, tmp_path / "bad")
     assert json.loads((tmp_path / "bad" / "result.json").read_text())["status"] == "failed"
 
 
@@ -106,13 +107,13 @@ def test_malformed_benchmark_file_names_the_line(tmp_path, session_cache):
     cfg = compose_config(["benchmark=local_jsonl", f"benchmark.forget_path={bad}",
                           f"benchmark.retain_path={bad}"], cache_dir=session_cache)
     with pytest.raises(SystemExit, match=r"forget\.jsonl:2: "):
-        launcher.run_guarded(cfg, tmp_path / "badfile")
+        cli.run_guarded(cfg, tmp_path / "badfile")
 
 
 def mansu_cli(args, tmp_path, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
            "MANSU_OUTPUTS": str(tmp_path / "outputs")}
-    return subprocess.run([sys.executable, "-m", "mansu.run", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mansu", *args], capture_output=True,
                           text=True, env=env, timeout=timeout, cwd=Path(__file__).parent.parent)
 
 
@@ -131,7 +132,7 @@ def test_cli_bad_input_fails_with_a_clear_message(tmp_path, args, message):
 def test_multirun_one_failing_job_does_not_stop_the_others(tmp_path, session_cache, tiny):
     out = mansu_cli(["-m", *TINY, f"cache_dir={session_cache}", "method=ga", "attribution=none",
                      "method.batch_size=8", "method.max_steps=2,abc", "seed=0,1"], tmp_path)
-    assert out.returncode != 0  # a sweep that lost jobs says so (mansu.run.Safeguards)
+    assert out.returncode != 0  # a sweep that lost jobs says so (mansu.cli.Safeguards)
     assert "2 of 4 jobs ok" in out.stderr
     records = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("result.json")]
     assert sorted(r["status"] for r in records) == ["failed", "failed", "ok", "ok"]

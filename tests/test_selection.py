@@ -1,7 +1,8 @@
-"""The necessity selection rule (mansu.necessity, mansu.saliency) on a hand-built model whose facts
-live in known neurons: one-hot embeddings, attention and every other neuron silenced, and in layer
-1 one neuron per fact (it reads the subject and writes the answer) plus a shared neuron that reads
-every subject and writes every answer, forget and retain alike."""
+"""The necessity selection rule (mansu.attribution.selection.necessity, mansu.attribution.saliency)
+on a hand-built model whose facts live in known neurons: one-hot embeddings, attention and every
+other neuron silenced, and in layer 1 one neuron per fact (it reads the subject and writes the
+answer) plus a shared neuron that reads every subject and writes every answer, forget and retain
+alike."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mansu.circuit import parameter_mask
+from mansu.attribution.circuit import parameter_mask
+from mansu.attribution.eap_ig import attribute
+from mansu.attribution.selection import select
+from mansu.attribution.selection.necessity import select_necessary
 from mansu.data import MCQ
-from mansu.eap_ig import attribute
-from mansu.necessity import select_necessary
-from mansu.selection import select
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -161,7 +162,7 @@ def test_the_config_selects_the_rule():
 
 
 def test_patch_evaluator_reuses_the_counterfactual_without_changing_results(setup):
-    from mansu.ablation import PatchEvaluator
+    from mansu.attribution.ablation import PatchEvaluator
 
     model, tokenizer, attr_f, _ = setup
     sets = [torch.tensor([neuron_node(1)]), torch.tensor([neuron_node(1), neuron_node(SHARED)])]

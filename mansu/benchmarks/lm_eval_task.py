@@ -3,7 +3,7 @@ configs (lm_eval/tasks/wmdp, lm_eval/tasks/mmlu), not from copies here.
 
 lm-eval's zero-shot context is the task's ``description`` followed by its ``doc_to_text``; for
 WMDP and MMLU that is "The following are multiple choice questions (with answers) about
-<subject>.\\n\\n" + the stripped question + "\\nA. ..\\nD. ..\\nAnswer:". mansu.evaluation's letter
+<subject>.\\n\\n" + the stripped question + "\\nA. ..\\nD. ..\\nAnswer:". mansu.evaluate.mcq's letter
 prompt has no description and does not strip, so `lm_eval_question` moves the description and the
 stripping into the question text. Each framed question is checked against lm-eval's rendered
 prompt, so mansu's accuracy on it is lm-eval's (tests/test_real_benchmarks.py runs lm-eval's own
@@ -35,7 +35,7 @@ from mansu.data import (
     statement_split,
     write_mcq_jsonl,
 )
-from mansu.evaluation import mcq_requests
+from mansu.evaluate.mcq import mcq_requests
 
 # lm-eval's task for an MMLU subject, by scoring: `mmlu` is lettered, `mmlu_continuation` cloze.
 MMLU_TASKS = {"letter": "mmlu_{subject}", "cloze": "mmlu_{subject}_continuation"}
@@ -93,7 +93,7 @@ def lm_eval_prompt(question: MCQ, config: dict) -> tuple[str, list[str]]:
 
 
 def lm_eval_question(question: MCQ, task: str, scoring: str) -> MCQ:
-    """The question reworded so that mansu.evaluation's `scoring` prompt is lm-eval's for `task`.
+    """The question reworded so that mansu.evaluate.mcq's `scoring` prompt is lm-eval's for `task`.
 
     letter: description + stripped question (mansu adds the lettered options and "Answer:");
     cloze: the whole lm-eval context (mansu continues it with " " + choice).
@@ -126,7 +126,7 @@ def mmlu_questions(pairs: Sequence[tuple[str, MCQ]], scoring: str, *,
 
 def write_task_yaml(task: str, questions: Sequence[MCQ], task_dir: str | Path) -> Path:
     """lm-eval's own `task`, its dataset replaced by a local JSONL of `questions` (bare, as in
-    the hub dataset): run it with mansu.lm_eval_tasks.lm_eval_accuracy(model, tok, task_dir, task)
+    the hub dataset): run it with mansu.evaluate.lm_eval_tasks.lm_eval_accuracy(model, tok, task_dir, task)
     to cross-check mansu's numbers. Returns the YAML path."""
     task_dir = Path(task_dir).resolve()
     data_path = write_mcq_jsonl(list(questions), task_dir / f"{task}.jsonl")

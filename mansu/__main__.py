@@ -1,0 +1,5 @@
+"""`python -m mansu` = the `mansu` console script."""
+
+from mansu.cli import main
+
+main()
