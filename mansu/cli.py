@@ -44,10 +44,12 @@ RUN_ID = secrets.token_hex(3)
 OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, use_cache=True, replace=True)
 
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The configs ship inside the package (mansu/conf is the repository's conf/), so a plain
+# `pip install .` and `mansu` from any folder find them.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://mansu.conf", config_name="config")
 def main(cfg: DictConfig):
     if cfg.preflight:  # memory estimate from the config alone: nothing is loaded (mansu.preflight)
         return print(preflight_report(cfg, HydraConfig.get().launcher))
