@@ -13,7 +13,7 @@ STORAGE_DTYPES = ("fp32", "bf16", "bf16_master")
 
 @dataclass(frozen=True)
 class RunContext:
-    """seed: the run's seed. storage: how parameters are stored while unlearning (METHOD.md, "What
+    """seed: the run's seed. storage: how parameters are stored while unlearning (docs/method.md, "What
     measurements ... found"): ``fp32``; ``bf16`` stepped directly, as reference code that loads a
     model in bf16 does; ``bf16_master``, bf16 weights with an fp32 master copy in the optimizer.
     scoring: the benchmark's MCQ scoring (`cloze` | `letter`), for methods that evaluate

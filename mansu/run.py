@@ -1,6 +1,7 @@
-"""`mansu`: one run = load → [inject] → evaluate θ0 → unlearn → evaluate θu → quantize θ0 and θu →
-evaluate both → diagnostics → record. Each stage is a plain function called in order by `run`; the
-leaves (model, benchmark, method, quantizer, logger) are built from their configs' `_target_`.
+"""`mansu`: one run = load → [inject] → evaluate θ0 and Q(θ0) → attribute θ0 → unlearn → evaluate
+θu and Q(θu) → reversal analyses → CAD → record. `run` is the recipe: one call per stage, in that
+order; each stage's code lives in its folder (mansu/<stage>/stage.py), and the leaves (model,
+benchmark, method, quantizer, logger) are built from their configs' `_target_`.
 
 Q(θ0) is built and evaluated before unlearning, so θ0 never needs a second copy on the device, and
 stage results are cached by config (mansu.io.cache), so a sweep evaluates θ0 once and a rerun resumes.
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,24 +21,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mansu.attribution.stage import attribute_theta0
+from mansu.cad.stage import circuit_divergence
 from mansu.config import ConfigError, validate, validate_top_level
 from mansu.context import RunContext
 from mansu.data import Benchmark
+from mansu.evaluate.stage import evaluate
 from mansu.io.cache import StageCache, key_of
-from mansu.io.record import (
-    atomic_save_tensors,
-    atomic_write_json,
-    environment,
-    summary_table,
-    verdicts,
-)
-from mansu.io.safeguards import (
-    check_free_disk,
-    check_writable,
-)
+from mansu.io.record import atomic_write_json, environment, summary_table, verdicts
+from mansu.io.safeguards import check_free_disk, check_writable
+from mansu.quantize.stage import quantize
+from mansu.reversal.stage import reversal_stages
 from mansu.settings import AttributionSettings, EvalSettings
 from mansu.stats import paired_bootstrap
-from mansu.unlearn.sharding import init_distributed, memory_key, unlearn_with_memory_options
+from mansu.unlearn.sharding import init_distributed, memory_key
+from mansu.unlearn.stage import unlearn
 
 log = logging.getLogger("mansu")
 stage_log = logging.getLogger("mansu.stage")  # one line per stage (run.log only in a sweep)
@@ -44,6 +43,81 @@ table_log = logging.getLogger("mansu.table")  # the run's table (run.log only in
 
 
 def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
+    job = start(cfg, run_dir, record)
+    with job.stage("load"):
+        load_stage(job)
+    with job.stage("evaluate_theta0"):
+        job.accuracy["theta0"] = job.evaluated("theta0", job.model_key)
+    if job.quantized:
+        with job.stage("quantize_theta0"):
+            job.accuracy["q_theta0"] = job.evaluated(
+                "q_theta0", job.model_key, cfg.quantizer, model=lambda: quantize(job.model, cfg)[0])
+    if job.attribution.enabled:
+        with job.stage("attribution_theta0"):
+            attribution_stage(job)
+    with job.stage("unlearn"):
+        unlearn_stage(job)
+    with job.stage("evaluate_thetau"):
+        job.accuracy["thetau"] = job.evaluated("thetau", job.unlearn_key)
+    if job.quantized:
+        with job.stage("quantize_thetau"):
+            quantize_thetau_stage(job)
+        reversal_stages(job.metrics, job.stage, job.model, job.quantized_state, job.theta0,
+                        job.tokenizer, job.benchmark, job.ctx.scoring, job.settings, job.ctx, cfg)
+    if job.attribution.enabled and job.settings.cad:
+        with job.stage("cad"):
+            job.metrics["cad"] = circuit_divergence(
+                job.model, job.qmodel, job.tokenizer, job.theta0_attr, job.attribution,
+                job.ctx.scoring, run_dir, scores=job.settings.cad_scores)
+    return finish(job)
+
+
+@dataclass
+class Job:
+    """What the stages of one run share; each stage fills in what later ones read."""
+
+    cfg: DictConfig
+    run_dir: Path
+    record: dict
+    settings: EvalSettings
+    attribution: AttributionSettings
+    ctx: RunContext
+    cache: StageCache
+    tracker: object
+    stage: object
+    benchmark: Benchmark | None = None
+    model: torch.nn.Module | None = None
+    tokenizer: object = None
+    model_key: str = ""
+    unlearn_key: str = ""
+    theta0: dict = field(default_factory=dict)
+    theta0_attr: dict | None = None
+    qmodel: torch.nn.Module | None = None
+    quantized_state: dict | None = None
+
+    @property
+    def metrics(self) -> dict:
+        return self.record.setdefault("metrics", {})
+
+    @property
+    def accuracy(self) -> dict:
+        return self.metrics.setdefault("accuracy", {})
+
+    @property
+    def quantized(self) -> bool:
+        return self.cfg.quantizer.quant_type != "none"
+
+    def evaluated(self, name: str, *key: object, model: Callable[[], torch.nn.Module] | None = None
+                  ) -> dict:
+        """Accuracy on every split of the job's model (θ0 or θu), or of the one `model` builds
+        (only when the cache has no entry for `key`)."""
+        return self.cache.json("eval", key_of(*key, name), lambda: evaluate(
+            self.model if model is None else model(), self.tokenizer, self.benchmark,
+            self.ctx.scoring, self.settings))
+
+
+def start(cfg: DictConfig, run_dir: Path, record: dict) -> Job:
+    """Every check that needs no model: the config against the code, the folders, the context."""
     validate_top_level(cfg)
     validate(cfg)
     init_distributed(cfg)
@@ -53,82 +127,76 @@ def run(cfg: DictConfig, run_dir: Path, record: dict) -> dict:
     if settings.cache:
         check_writable(ctx.cache_dir, "cache folder",
                        "set cache_dir=... to a writable folder, or eval.cache=false")
-    cache = StageCache(ctx.cache_dir, enabled=settings.cache)
-    tracker = instantiate(cfg.logger)
     timings: dict[str, float] = {}
-    stage = stopwatch(timings)
+    job = Job(cfg=cfg, run_dir=run_dir, record=record, settings=settings,
+              attribution=instantiate(cfg.attribution), ctx=ctx,
+              cache=StageCache(ctx.cache_dir, enabled=settings.cache),
+              tracker=instantiate(cfg.logger), stage=stopwatch(timings))
     record.update(describe(cfg, ctx), timings=timings, environment=environment())
-    tracker.start(OmegaConf.to_container(cfg, resolve=True), run_dir, run_dir.name)
+    job.tracker.start(OmegaConf.to_container(cfg, resolve=True), run_dir, run_dir.name)
+    return job
 
-    with stage("load"):
-        benchmark, model, tokenizer = load(cfg, ctx)
+
+def load_stage(job: Job) -> None:
+    """The benchmark and the model (built and taught its facts, or loaded), and the scoring."""
+    job.benchmark, job.model, job.tokenizer = load(job.cfg, job.ctx)
     # θu's changed tensors: at most every parameter, once in the cache and once in the run folder.
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    check_free_disk({run_dir: weights, **({ctx.cache_dir: weights} if settings.cache else {})})
-    scoring = settings.scoring or benchmark.scoring
-    ctx = RunContext(**{**asdict(ctx), "scoring": scoring})
-    record["scoring"] = scoring
-    accuracy = record.setdefault("metrics", {}).setdefault("accuracy", {})
-    model_key = key_of(cfg.model, cfg.benchmark, cfg.storage, scoring, settings.bootstrap_iters)
-    quantized = cfg.quantizer.quant_type != "none"
+    weights = sum(p.numel() * p.element_size() for p in job.model.parameters())
+    check_free_disk({job.run_dir: weights,
+                     **({job.ctx.cache_dir: weights} if job.settings.cache else {})})
+    scoring = job.settings.scoring or job.benchmark.scoring
+    job.ctx = replace(job.ctx, scoring=scoring)
+    job.record["scoring"] = scoring
+    job.record.setdefault("metrics", {}).setdefault("accuracy", {})
+    job.model_key = key_of(job.cfg.model, job.cfg.benchmark, job.cfg.storage, scoring,
+                           job.settings.bootstrap_iters)
 
-    with stage("evaluate_theta0"):
-        accuracy["theta0"] = cache.json("eval", key_of(model_key, "theta0"), lambda: evaluate(
-            model, tokenizer, benchmark, scoring, settings))
-    if quantized:
-        with stage("quantize_theta0"):
-            accuracy["q_theta0"] = cache.json(
-                "eval", key_of(model_key, cfg.quantizer, "q_theta0"),
-                lambda: evaluate(quantize(model, cfg)[0], tokenizer, benchmark, scoring, settings))
 
-    attribution: AttributionSettings = instantiate(cfg.attribution)
-    if attribution.enabled:
-        with stage("attribution_theta0"):
-            theta0_attr = cache.objects(
-                "attribution", key_of(model_key, cfg.attribution, "per-item-frozen"),
-                lambda: attribute_theta0(model, tokenizer, benchmark, attribution, scoring, seed=0))
-        ctx = RunContext(**{**asdict(ctx), "circuit": theta0_attr["circuit"]})
-        record["metrics"]["circuit"] = theta0_attr["circuit"].to_json()
+def attribution_stage(job: Job) -> None:
+    """θ0's forget circuit (cached per θ0): the unlearning may confine itself to it, CAD reads it."""
+    job.theta0_attr = job.cache.objects(
+        "attribution", key_of(job.model_key, job.cfg.attribution, "per-item-frozen"),
+        lambda: attribute_theta0(job.model, job.tokenizer, job.benchmark, job.attribution,
+                                 job.ctx.scoring, seed=0))
+    job.ctx = replace(job.ctx, circuit=job.theta0_attr["circuit"])
+    job.metrics["circuit"] = job.theta0_attr["circuit"].to_json()
 
-    theta0 = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
-    unlearn_key = key_of(model_key, cfg.method, ctx.seed, *memory_key(cfg))
-    with stage("unlearn"):
-        record["metrics"]["unlearning"] = unlearn(model, tokenizer, benchmark, ctx, cfg, cache,
-                                                  unlearn_key, theta0)
-    with stage("evaluate_thetau"):
-        accuracy["thetau"] = cache.json("eval", key_of(unlearn_key, "thetau"), lambda: evaluate(
-            model, tokenizer, benchmark, scoring, settings))
-    if quantized:
-        with stage("quantize_thetau"):
-            qmodel, quantized_state = quantize(model, cfg)
-            accuracy["q_thetau"] = cache.json(
-                "eval", key_of(unlearn_key, cfg.quantizer, "q_thetau"),
-                lambda: evaluate(qmodel, tokenizer, benchmark, scoring, settings))
-        record["metrics"]["ptq_gap"] = paired_bootstrap(
-            accuracy["thetau"]["forget"]["correct"], accuracy["q_thetau"]["forget"]["correct"],
-            iters=settings.bootstrap_iters, seed=ctx.seed)
-        reversal_stages(record["metrics"], stage, model, quantized_state, theta0, tokenizer, benchmark,
-                        scoring, settings, ctx, cfg)
-    if attribution.enabled and settings.cad:
-        with stage("cad"):
-            record["metrics"]["cad"] = circuit_divergence(
-                model, qmodel if quantized else None, tokenizer, theta0_attr, attribution,
-                scoring, run_dir, scores=settings.cad_scores)
-    if quantized:
-        del qmodel
+
+def unlearn_stage(job: Job) -> None:
+    """θu: the method run on the model in place (or its cached changes reapplied); θ0 kept on CPU."""
+    job.theta0 = {name: t.detach().to("cpu", copy=True) for name, t in job.model.state_dict().items()}
+    job.unlearn_key = key_of(job.model_key, job.cfg.method, job.ctx.seed, *memory_key(job.cfg))
+    job.metrics["unlearning"] = unlearn(job.model, job.tokenizer, job.benchmark, job.ctx, job.cfg,
+                                        job.cache, job.unlearn_key, job.theta0)
+
+
+def quantize_thetau_stage(job: Job) -> None:
+    """Q(θu), its accuracy, and the PTQ gap: acc(Q(θu)) − acc(θu) on the forget questions."""
+    job.qmodel, job.quantized_state = quantize(job.model, job.cfg)
+    job.accuracy["q_thetau"] = job.evaluated("q_thetau", job.unlearn_key, job.cfg.quantizer,
+                                             model=lambda: job.qmodel)
+    job.metrics["ptq_gap"] = paired_bootstrap(
+        job.accuracy["thetau"]["forget"]["correct"], job.accuracy["q_thetau"]["forget"]["correct"],
+        iters=job.settings.bootstrap_iters, seed=job.ctx.seed)
+
+
+def finish(job: Job) -> dict:
+    """Per-question outcomes beside the record, the four verdicts, the record written atomically."""
+    job.qmodel = None
+    record = job.record
     # Per-question outcomes go beside the record (for paired comparisons across runs), not in it.
-    atomic_write_json(run_dir / "predictions.json", {
+    atomic_write_json(job.run_dir / "predictions.json", {
         model_name: {split: result.pop("correct") for split, result in splits.items()}
-        for model_name, splits in accuracy.items()})
-
+        for model_name, splits in job.accuracy.items()})
+    settings = job.settings
     record["verdicts"] = verdicts(
         record["metrics"], min_forgetting=settings.min_forgetting,
         max_retain_drop=settings.max_retain_drop, max_ptq_gap=settings.max_ptq_gap,
         min_cad_over_floor=settings.min_cad_over_floor)
     record["status"] = "ok"
-    path = atomic_write_json(run_dir / "result.json", record)
-    tracker.log_record(record)
-    tracker.finish(ok=True)
+    path = atomic_write_json(job.run_dir / "result.json", record)
+    job.tracker.log_record(record)
+    job.tracker.finish(ok=True)
     table_log.info("\n%s", summary_table(record))
     log.info("%s", job_line(record, path))
     return record
@@ -190,163 +258,4 @@ def load(cfg: DictConfig, ctx: RunContext) -> tuple[Benchmark, torch.nn.Module, 
     model = model.to(device=ctx.device, dtype=ctx.param_dtype)
     model.eval()
     return benchmark, model, tokenizer
-
-
-def evaluate(model, tokenizer, benchmark: Benchmark, scoring: str, settings: EvalSettings) -> dict:
-    from mansu.evaluate.mcq import evaluate_mcq
-
-    splits = {"forget": benchmark.forget, "retain": benchmark.retain, **benchmark.extra_retain}
-    results = {}
-    for name, split in splits.items():
-        result = evaluate_mcq(model, tokenizer, split.questions, scoring=scoring,
-                              batch_size=settings.batch_size,
-                              bootstrap_iters=settings.bootstrap_iters)
-        results[name] = {**result.to_json(), "correct": list(result.correct)}
-    return results
-
-
-def quantize(model, cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """Q(model) and its dequantized weights (float32, on CPU): dequantized once, then shared by the
-    evaluation (on CPU the 4-bit layers hold them, mansu.quantize.quantizer.materialize_4bit) and the
-    reversal analyses."""
-    from mansu.quantize.quantizer import materialize_4bit
-
-    qmodel = instantiate(cfg.quantizer)(model)
-    return qmodel, {name: t.cpu() for name, t in materialize_4bit(qmodel).items()}
-
-
-def unlearn(model, tokenizer, benchmark: Benchmark, ctx: RunContext, cfg: DictConfig,
-            cache: StageCache, key: str, theta0: dict) -> dict:
-    """Run the method, or reapply its cached parameter changes (one cache entry: the method's info
-    and the changed tensors). θu = θ0 with these tensors replaced; the run folder gets its own copy
-    of them as unlearned.safetensors."""
-
-    def train() -> dict:
-        method = instantiate(cfg.method)
-        result = unlearn_with_memory_options(method, model, tokenizer, benchmark.forget,
-                                             benchmark.retain, ctx, cfg)
-        if result.model is not model:
-            model.load_state_dict(result.model.state_dict())
-        # named_parameters lists a tied weight (embeddings = lm_head) once, as safetensors needs.
-        changed = {name: t.detach().cpu() for name, t in model.named_parameters()
-                   if not torch.equal(t.detach().cpu(), theta0[name])}
-        info = {"steps": result.steps, "losses": [float(x) for x in result.losses],
-                "changed_tensors": sorted(changed), **result.info}
-        return {"info": info, "changed": changed}
-
-    stored = cache.objects("unlearn", key, train)
-    changed = stored["changed"]
-    missing = set(stored["info"]["changed_tensors"]) ^ set(changed)
-    if missing:
-        raise RuntimeError(f"unlearn entry {cache.entry('unlearn', key)}: tensors {sorted(missing)} "
-                           f"do not match its list of changed tensors")
-    model.load_state_dict({k: v.to(ctx.device) for k, v in changed.items()}, strict=False)
-    atomic_save_tensors(ctx.run_dir / "unlearned.safetensors", changed)
-    return stored["info"]
-
-
-def attribution_items(questions: list, max_items: int | None, seed: int) -> list:
-    if max_items is None or len(questions) <= max_items:
-        return list(questions)
-    import random
-
-    return random.Random(seed).sample(list(questions), max_items)
-
-
-def attribute_theta0(model, tokenizer, benchmark: Benchmark, settings: AttributionSettings,
-                     scoring: str, seed: int) -> dict:
-    """EAP-IG on θ0 for the forget and retain items, the circuit, and CAD's noise floors. It is
-    cached per θ0, so its item sample and noise-floor splits take a fixed seed, not the run's:
-    every seed of a sweep is then compared against the same circuit. The forget items are
-    attributed per item once, so the floors' random halves need no further pass; θ0's gradients
-    at the circuit's outputs are kept for the ``frozen`` CAD (one more pass)."""
-    from mansu.attribution.circuit import mask_share, parameter_mask
-    from mansu.attribution.eap_ig import attribute
-    from mansu.attribution.items import attribute_items, readout_matrix, write_gradients
-    from mansu.attribution.selection import select
-    from mansu.cad.divergence import noise_floors, output_weights
-
-    forget = attribution_items(benchmark.forget.questions, settings.max_items, seed)
-    retain = attribution_items(benchmark.retain.questions, settings.max_items, seed)
-    kwargs = settings.attribute_kwargs(scoring)
-    mean_items = retain if settings.counterfactual == "mean" else None
-    forget_items = attribute_items(model, tokenizer, forget, mean_items=mean_items, **kwargs)
-    retain_attr = attribute(model, tokenizer, retain, mean_items=mean_items, **kwargs)
-    circuit = select(model, tokenizer, forget, retain, forget_items.attribution, retain_attr,
-                     attribute_kwargs={**kwargs, "mean_items": mean_items}, seed=seed,
-                     **settings.selection_kwargs())
-    circuit_share = mask_share(parameter_mask(model, circuit), model)
-    weights = output_weights(model, circuit)
-    gradients, forget_items.frozen = write_gradients(model, tokenizer, forget, weights,
-                                                     mean_items=mean_items, **kwargs)
-    floors = noise_floors(forget_items, circuit, weights, seed=seed)
-    return {"forget_items": forget, "mean_items": mean_items,
-            "forget": forget_items.keep_units(circuit), "weights": weights,
-            "gradients": gradients,
-            "readout": readout_matrix(model).cpu(), "circuit": circuit,
-            "parameter_share": circuit_share, "noise_floors": floors}
-
-
-def circuit_divergence(model, qmodel, tokenizer, theta0_attr: dict, settings, scoring: str,
-                       run_dir: Path, scores: bool = True) -> dict:
-    """CAD of θu (and Q(θu)) on the same items, counterfactuals and metric as θ0's attribution,
-    every variant beside its own floor; the direct effects are read with θ0's unembedding and
-    the frozen scores with θ0's gradients."""
-    from mansu.attribution.eap_ig import plot_attribution
-    from mansu.attribution.items import attribute_items
-    from mansu.cad.divergence import cad_report, output_weights
-
-    items, kwargs = theta0_attr["forget_items"], settings.attribute_kwargs(scoring)
-    # With the mean counterfactual each model's own retain means are its x̃.
-    kwargs["mean_items"] = theta0_attr["mean_items"]
-    kwargs["readout"] = theta0_attr["readout"]
-    kwargs["frozen_gradients"] = theta0_attr["gradients"]
-    circuit = theta0_attr["circuit"]
-    after = attribute_items(model, tokenizer, items, scores=scores, **kwargs)
-    after_q = (attribute_items(qmodel, tokenizer, items, scores=scores, **kwargs)
-               if qmodel is not None else None)
-    if scores:  # the heatmap compares EAP-IG scores
-        plot_attribution(theta0_attr["forget"].attribution, after.attribution,
-                         run_dir / "attribution.png")
-    report = cad_report(theta0_attr["forget"], after, circuit, weights0=theta0_attr["weights"],
-                        weightsu=output_weights(model, circuit), floors=theta0_attr["noise_floors"],
-                        thetaq=after_q,
-                        weightsq=output_weights(qmodel, circuit) if qmodel is not None else None)
-    return {**report, "circuit_parameter_share": theta0_attr["parameter_share"]}
-
-
-def reversal_stages(metrics: dict, stage, model, quantized: dict, theta0: dict, tokenizer,
-                    benchmark: Benchmark, scoring: str, settings: EvalSettings, ctx: RunContext,
-                    cfg: DictConfig) -> None:
-    """Whether quantization undid the unlearning and by what mechanism (mansu.reversal.analyses)."""
-    from mansu.reversal import analyses as reversal
-    from mansu.reversal.diagnostics import update_diagnostics
-
-    thetau = model.state_dict()
-    thetau_correct = metrics["accuracy"]["thetau"]["forget"]["correct"]
-    common = {"scoring": scoring, "batch_size": settings.batch_size, "seed": ctx.seed}
-    if settings.diagnostics:
-        with stage("diagnostics"):
-            metrics["diagnostics"] = update_diagnostics(
-                {n: theta0[n] for n in quantized},
-                {n: thetau[n].detach().cpu() for n in quantized},
-                blocksize=cfg.quantizer.blocksize)
-    if settings.noise_control:
-        with stage("noise_control"):
-            metrics["noise_control"] = reversal.noise_control(
-                model, quantized, thetau_correct, tokenizer, benchmark.forget.questions,
-                iters=settings.bootstrap_iters, **common)
-    if settings.first_order and benchmark.forget.corpus:
-        with stage("first_order"):
-            metrics["first_order"] = reversal.first_order(
-                model, theta0, quantized, tokenizer, benchmark.forget.corpus,
-                quant_type=cfg.quantizer.quant_type, blocksize=cfg.quantizer.blocksize,
-                seed=ctx.seed)
-    if settings.other_formats:
-        with stage("other_formats"):
-            metrics["other_formats"] = reversal.format_gaps(
-                model, thetau_correct, tokenizer, benchmark.forget.questions,
-                formats=list(settings.other_formats), blocksize=cfg.quantizer.blocksize,
-                skip_modules=list(cfg.quantizer.skip_modules), iters=settings.bootstrap_iters,
-                **common)
 

@@ -9,12 +9,12 @@ from typing import Literal
 
 @dataclass
 class EvalSettings:
-    """conf/eval/: how models are scored and what the four verdicts require (METHOD.md §6)."""
+    """conf/eval/: how models are scored and what the four verdicts require (docs/method.md §6)."""
 
     batch_size: int = 32
     bootstrap_iters: int = 1000
     scoring: str | None = None          # None = the benchmark's own scoring
-    diagnostics: bool = True            # update-versus-bin diagnostics (METHOD.md §2)
+    diagnostics: bool = True            # update-versus-bin diagnostics (docs/method.md §2)
     noise_control: bool = True          # θu + noise of the quantizer's own error RMS
     first_order: bool = True            # first-order split of the forget-loss change under Q
     other_formats: list[str] | None = None  # PTQ gaps under further formats, e.g. [fp4, int8]

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import mansu.run as mansu_run  # noqa: E402
+from mansu.attribution.stage import attribution_items  # noqa: E402
 from mansu.evaluate.mcq import encode_pairs, mcq_requests  # noqa: E402
 from mansu.quantize.quantizer import reference_nf4  # noqa: E402
 
@@ -165,7 +166,7 @@ def attribution_floors(cfg, record: dict, model, tokenizer, splits: dict, scorin
     ig_steps, max_items = attribution.ig_steps, attribution.max_items
     rows, forward, eap = {}, {}, {}
     for name in ("forget", "retain"):
-        items = mansu_run.attribution_items(splits[name].questions, max_items, 0)
+        items = attribution_items(splits[name].questions, max_items, 0)
         rows[name] = [c + t for c, t in encode_pairs(tokenizer, [
             (context, cont) for q in items for context, conts in [mcq_requests(q, scoring)]
             for cont in conts])]

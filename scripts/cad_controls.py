@@ -26,10 +26,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
+from mansu.attribution.stage import attribution_items  # noqa: E402
 from mansu.cad.controls import CONTROLS, OBJECTIVES, run_controls  # noqa: E402
 from mansu.cad.divergence import DEFINITION, VARIANTS  # noqa: E402
 from mansu.cli import CONF_DIR
-from mansu.run import attribution_items, load, make_context  # noqa: E402
+from mansu.run import load, make_context  # noqa: E402
 
 
 def table(result: dict) -> str:

@@ -6,7 +6,7 @@ WMDP and MMLU that is "The following are multiple choice questions (with answers
 <subject>.\\n\\n" + the stripped question + "\\nA. ..\\nD. ..\\nAnswer:". mansu.evaluate.mcq's letter
 prompt has no description and does not strip, so `lm_eval_question` moves the description and the
 stripping into the question text. Each framed question is checked against lm-eval's rendered
-prompt, so mansu's accuracy on it is lm-eval's (tests/test_real_benchmarks.py runs lm-eval's own
+prompt, so mansu's accuracy on it is lm-eval's (tests/benchmarks/test_real_benchmarks.py runs lm-eval's own
 task on the same file to show it).
 
 Offline, WMDP's questions come from a local JSONL in the WMDP schema (`local_path`); corpora

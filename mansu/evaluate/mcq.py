@@ -5,7 +5,7 @@ summed log-likelihood of its continuation tokens (lm-eval's ``acc``). Everything
 score follows lm-eval's HFLM for causal models: the prompt text, ``_encode_pair`` tokenisation
 (trailing spaces of the context move to the continuation; BOS is whatever the tokenizer adds),
 left truncation to the model's context length, and the positions whose logits are read. So the
-predictions are lm-eval's; ``tests/test_evaluation.py`` checks that one question at a time.
+predictions are lm-eval's; ``tests/evaluate/test_evaluation.py`` checks that one question at a time.
 
 What differs is only how the work is batched:
 - requests whose model input is the same token sequence share one forward row (lm-eval's

@@ -88,7 +88,7 @@ def _jsonable(x):
 
 def verdicts(metrics: dict, *, min_forgetting: float, max_retain_drop: float,
              max_ptq_gap: float, min_cad_over_floor: float) -> dict:
-    """The four properties of METHOD.md §6. margin > 0 means the property holds with that much to
+    """The four properties of docs/method.md §6. margin > 0 means the property holds with that much to
     spare; a property whose metric was not measured has holds = None, never a pass."""
 
     def verdict(value, threshold, sense):

@@ -281,7 +281,7 @@ def _refuse_miscomputed_shapes(model: nn.Module, targets: list[str], quant_type:
                                blocksize: int) -> None:
     """bitsandbytes 0.50.2 on CPU computes a Linear4bit wrongly when in_features is not a multiple
     of the blocksize (its dequantization misplaces blocks of 2-D weights; measured in
-    tests/test_quantization.py). Real models' widths are multiples of 64; refuse the rest on CPU
+    tests/quantize/test_quantization.py). Real models' widths are multiples of 64; refuse the rest on CPU
     rather than report numbers from a miscomputed model."""
     if quant_type not in ("nf4", "fp4"):
         return
@@ -330,7 +330,7 @@ def materialize_4bit(qmodel: nn.Module) -> dict[str, Tensor]:
     bitsandbytes 0.50.2's CPU ``Linear4bit`` (without the AVX512-BF16 repack, which
     ``quantize_model`` turns off) computes ``F.linear(x, dequantize_4bit(W, dtype=x.dtype), bias)``
     at every call, i.e. it dequantizes all its weights for every batch; the swap gives bit-identical
-    outputs (tests/test_quantization.py) at the cost of an unquantized forward. GPU layers and
+    outputs (tests/quantize/test_quantization.py) at the cost of an unquantized forward. GPU layers and
     int8 layers (whose forward also quantizes the activations) are left as they are.
     """
     state = dequantized_state(qmodel)

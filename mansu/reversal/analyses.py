@@ -1,4 +1,4 @@
-"""Does quantization undo the unlearning, and by what mechanism? (METHOD.md §2, issue "Does NF4
+"""Does quantization undo the unlearning, and by what mechanism? (docs/method.md §2, issue "Does NF4
 undo unlearning here")
 
 Model-level analyses run after θu and Q(θu) exist; the tensor-level arithmetic lives in

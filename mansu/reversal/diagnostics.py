@@ -1,10 +1,10 @@
-"""The update-versus-bin diagnostics of METHOD.md §2, on state dicts of quantized Linear weights.
+"""The update-versus-bin diagnostics of docs/method.md §2, on state dicts of quantized Linear weights.
 
 All functions are pure: dicts of tensors in, JSON-ready numbers out (``None`` where a quantity is
 undefined, e.g. a share over zero weights). Pass only the weights of the layers that get quantized,
 e.g. ``{name: state[name] for name in dequantized_state(qmodel)}``. Tensors are processed one at a
 time, so a 135M-parameter model needs memory for a few copies of its largest matrix, not of the
-model. NF4 is assumed with a plain float32 absmax (no double quantization), as in METHOD.md.
+model. NF4 is assumed with a plain float32 absmax (no double quantization), as in docs/method.md.
 
 Conventions:
 - A weight is *moved* (= *updated*) when its stored value differs between θ0 and θu; Δ = θu − θ0 is
@@ -139,7 +139,7 @@ def layer_type(name: str) -> str:
 def update_diagnostics(
     theta0: dict[str, Tensor], thetau: dict[str, Tensor], *, blocksize: int = 64
 ) -> dict:
-    """METHOD.md §2 over the weights in ``theta0`` (θu must hold the same names and shapes).
+    """docs/method.md §2 over the weights in ``theta0`` (θu must hold the same names and shapes).
 
     Keys: n_quantized_weights, n_moved, moved_share; bin_update_ratio_{median,p10,p90} over moved
     weights with a reachable boundary and bin_update_ratio_n_unbounded; code_flip_share_{all,moved};

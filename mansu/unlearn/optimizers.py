@@ -1,6 +1,6 @@
 """The parameters a method trains and the AdamW that honours the run's parameter storage.
 
-Parameter storage (``ctx.storage``, METHOD.md "What measurements ... found"):
+Parameter storage (``ctx.storage``, docs/method.md "What measurements ... found"):
 - ``fp32``: fp32 weights stepped by a plain AdamW (the control).
 - ``bf16``: the bf16 weights are stepped directly, with no fp32 master copy, as reference code that
   loads a model in bf16 does. An Adam step below half a bf16 ulp of a weight rounds away, which is

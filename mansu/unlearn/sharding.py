@@ -12,7 +12,7 @@ copy is built on the meta device, each decoder layer and the root are `fully_sha
 from the loaded weights, the method trains it (frozen references are sharded the same way), then
 the full weights are gathered back into the parked model on every rank. Every rank sees the same
 batches, so the averaged gradient equals the one-process gradient: the records of one process and
-of N processes agree within float tolerance (tests/test_distributed.py); sharding saves memory,
+of N processes agree within float tolerance (tests/unlearn/test_distributed.py); sharding saves memory,
 it does not speed the run up. MANSU keeps its sparse optimizer state unsharded (it trains ~1% of
 the weights) and refuses distributed=fsdp.
 """

@@ -1,6 +1,6 @@
-"""The retain budget on the *final* update (METHOD.md §4.3, as changed by measurement).
+"""The retain budget on the *final* update (docs/method.md §4.3, as changed by measurement).
 
-METHOD.md applies ½ Σ F_i τ_i² to the floor before training, with F from per-text mean-token
+docs/method.md applies ½ Σ F_i τ_i² to the floor before training, with F from per-text mean-token
 gradients on the texts that also build the null space: measured on the tiny model it predicted
 1e-5..4e-5 nats where +3.7 were measured, so it never bound. Here the budget acts after training,
 on what will actually be written (the floored displacement δ_i = target_i − θ0_i, or the trained

@@ -1,4 +1,4 @@
-"""The floor's certificate (METHOD.md §4.5): quantize θ0 and θu of every masked weight with
+"""The floor's certificate (docs/method.md §4.5): quantize θ0 and θu of every masked weight with
 bitsandbytes itself and count, over the floored entries, how many changed code and how many are
 exact fixed points of Q; a failed certificate is said in the record and the log."""
 

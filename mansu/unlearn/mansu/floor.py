@@ -1,4 +1,4 @@
-"""The magnitude floor (METHOD.md §4.5): a moved weight goes onto the NF4 grid value of the next
+"""The magnitude floor (docs/method.md §4.5): a moved weight goes onto the NF4 grid value of the next
 code in its update's direction (further if training already passed it), so that it is a fixed
 point of Q and its code differs from Q(θ0)'s: quantization cannot round the update away.
 
@@ -6,7 +6,7 @@ Which moved weights are floored is ``floor_mode`` (``mansu.unlearn.mansu.budget`
 them against the retain budget):
 - ``knapsack`` (default): the ones whose first-order forget gain g_f·δ is largest for their
   predicted retain cost, within the budget (see budget.py);
-- ``next_code`` (METHOD.md): every moved weight (measured: collapses retain on the tiny model);
+- ``next_code`` (docs/method.md): every moved weight (measured: collapses retain on the tiny model);
 - ``stochastic``: each with probability |Δ|/|δ|, so the floored update equals the trained one in
   expectation.
 Every moved weight not floored goes back to θ0, so θu holds only fixed points of Q. So does a

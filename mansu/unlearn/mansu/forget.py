@@ -1,4 +1,4 @@
-"""MANSU's forget objective (METHOD.md §4.4) and the forget gain its floor is chosen by.
+"""MANSU's forget objective (docs/method.md §4.4) and the forget gain its floor is chosen by.
 
 ``forget_loss``: ``npo`` (β = 0.1; the frozen reference enters only through log π_ref(y) of each
 forget text, computed once on θ0 instead of keeping a second model), ``ga``, or ``logit`` (mean

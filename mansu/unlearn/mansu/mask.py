@@ -1,4 +1,4 @@
-"""Which weights MANSU may change (METHOD.md §4.1): the circuit's entries in the quantized Linear
+"""Which weights MANSU may change (docs/method.md §4.1): the circuit's entries in the quantized Linear
 weights, less every block-absmax element, as flat index lists (``MaskedWeight``), and the tools
 that keep gradients and optimizer state at that size.
 

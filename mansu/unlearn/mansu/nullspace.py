@@ -1,4 +1,4 @@
-"""The null-space projection of every forget step (METHOD.md §4.2).
+"""The null-space projection of every forget step (docs/method.md §4.2).
 
 ``nullspace: fisher`` (default) projects the flat step over the masked entries off the span of
 the per-example retain gradients (the null space of the circuit-restricted empirical Fisher);

@@ -1,4 +1,4 @@
-"""What MANSU knows about the retain set (METHOD.md §4.2-4.3, as changed by measurement).
+"""What MANSU knows about the retain set (docs/method.md §4.2-4.3, as changed by measurement).
 
 The retain texts are cut into three disjoint, seeded sets, so that no quantity is checked on the
 texts that shaped it:
@@ -9,7 +9,7 @@ texts that shaped it:
 - ``heldout`` texts only measure the retain-loss change, beside the prediction, in the record.
 
 The retain loss is the mean NLL per scored token (answer tokens with ``loss_tokens: answer``).
-METHOD.md's F (``fisher: empirical_text``: the square of each text's *mean-token* gradient,
+docs/method.md's F (``fisher: empirical_text``: the square of each text's *mean-token* gradient,
 averaged over texts) is kept as an option; measured on the tiny model it is 250-600× smaller than
 per-token curvature, so a budget on it never binds. The default ``fisher: sampled`` is the true
 Fisher per token: labels sampled from the model at every scored position, the text's summed
