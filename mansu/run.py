@@ -120,6 +120,7 @@ def start(cfg: DictConfig, run_dir: Path, record: dict) -> Job:
     """Every check that needs no model: the config against the code, the folders, the context."""
     validate_top_level(cfg)
     validate(cfg)
+    check_circuit_source(cfg)
     init_distributed(cfg)
     settings: EvalSettings = instantiate(cfg.eval)
     ctx = make_context(cfg, run_dir)
@@ -135,6 +136,17 @@ def start(cfg: DictConfig, run_dir: Path, record: dict) -> Job:
     record.update(describe(cfg, ctx), timings=timings, environment=environment())
     job.tracker.start(OmegaConf.to_container(cfg, resolve=True), run_dir, run_dir.name)
     return job
+
+
+def check_circuit_source(cfg: DictConfig) -> None:
+    """MANSU confines itself to the attribution stage's circuit: without that stage it can only
+    unlearn every quantized weight (circuit=full). Said before anything is loaded."""
+    circuit = cfg.method.get("circuit")
+    if (str(cfg.method.get("_target_", "")).startswith("mansu.unlearn.mansu")
+            and circuit in ("attributed", "random") and not cfg.attribution.get("enabled", True)):
+        raise ConfigError(f"method.circuit={circuit} needs the attribution stage's circuit "
+                          f"(attribution=eap_ig); set method.circuit=full to unlearn every "
+                          f"quantized weight instead")
 
 
 def load_stage(job: Job) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mansu.attribution.eap_ig import Attribution
-from mansu.attribution.metric import build_rows, iter_batches, kept_logits, neutral_ids, pad_id_of, row_metric
+from mansu.attribution.metric import counterfactual_rows, iter_batches, kept_logits, pad_id_of, row_metric
 from mansu.attribution.nodes import (
     capture,
     eval_mode,
@@ -47,9 +47,8 @@ class PatchEvaluator:
                  max_source_bytes: int = 2 << 30):
         self.model, self.attr, self.progress, self.desc = model, attr, progress, desc
         self.layout = node_layout(model)
-        neutral = (neutral_ids(tokenizer, attr.neutral_stem)
-                   if attr.counterfactual == "stem_swap" else None)
-        self.rows = build_rows(tokenizer, items, attr.scoring, neutral)
+        self.rows = counterfactual_rows(tokenizer, items, attr.scoring, attr.counterfactual,
+                                        attr.neutral_stem)
         self.batch_size = batch_size
         self.pad_id = pad_id_of(tokenizer)
         self.n_nodes = attr.flat().numel()

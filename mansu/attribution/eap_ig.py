@@ -15,7 +15,7 @@ scores.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,9 +27,9 @@ from mansu.attribution.metric import (
     SCORINGS,
     Batch,
     build_rows,
+    counterfactual_rows,
     iter_batches,
     kept_logits,
-    neutral_ids,
     pad_id_of,
     row_metric,
 )
@@ -96,39 +96,22 @@ def attribute(
     """EAP-IG node scores of ``model`` on ``items`` (batch_size counts token sequences: one per
     question for letter scoring, one per choice for cloze). ``mean_items`` (the retain questions)
     are required by and only used for ``counterfactual="mean"``."""
-    check_settings(scoring, counterfactual, ig_steps, neuron_block)
-    if not items:
-        raise ValueError("no items to attribute")
-    layout = node_layout(model)
-    baseline = None
-    if counterfactual == "mean":
-        if not mean_items:
-            raise ValueError("counterfactual='mean' needs mean_items (the retain questions)")
-        baseline = mean_baseline(model, tokenizer, mean_items, scoring=scoring,
-                                 batch_size=batch_size)
-    neutral = neutral_ids(tokenizer, neutral_stem) if counterfactual == "stem_swap" else None
-    rows = build_rows(tokenizer, items, scoring, neutral)
-
+    setup = counterfactual_setup(model, tokenizer, items, scoring=scoring,
+                                 counterfactual=counterfactual, ig_steps=ig_steps,
+                                 batch_size=batch_size, neuron_block=neuron_block,
+                                 mean_items=mean_items, neutral_stem=neutral_stem)
+    layout = setup.layout
     heads = torch.zeros(layout.n_layers, layout.n_heads)
     neurons = torch.zeros(layout.n_layers, layout.n_neurons)
     metric_clean = torch.zeros(len(items))
     metric_corrupt = torch.zeros(len(items))
-    device = model.get_input_embeddings().weight.device
-    batches = iter_batches(rows, batch_size, pad_id_of(tokenizer), device)
-    total = math.ceil(len(rows) / batch_size)
-    with eval_mode(model):
-        for batch in tqdm(batches, total=total, desc="attribution", disable=not progress,
-                          leave=False):
-            clean_embeds, corrupt_embeds, diffs, m_clean, m_corrupt = endpoints(
-                model, layout, batch, scoring, baseline)
-            metric_clean.index_add_(0, batch.items, m_clean.cpu())
-            metric_corrupt.index_add_(0, batch.items, m_corrupt.cpu())
-            for k in range(1, ig_steps + 1):
-                step_heads, step_neurons = ig_step_rows(
-                    model, layout, batch, scoring, diffs,
-                    corrupt_embeds + (k / ig_steps) * (clean_embeds - corrupt_embeds))
-                heads += step_heads.sum(0)
-                neurons += step_neurons.sum(0)
+    for part in ig_passes(model, tokenizer, setup, scoring=scoring, ig_steps=ig_steps,
+                          batch_size=batch_size, progress=progress):
+        metric_clean.index_add_(0, part.batch.items, part.m_clean.cpu())
+        metric_corrupt.index_add_(0, part.batch.items, part.m_corrupt.cpu())
+        for step_heads, step_neurons in part.step_rows():
+            heads += step_heads.sum(0)
+            neurons += step_neurons.sum(0)
     n = len(items)
     return Attribution(
         heads=heads / (ig_steps * n),
@@ -140,8 +123,88 @@ def attribute(
         neuron_block=neuron_block,
         ig_steps=ig_steps,
         neutral_stem=neutral_stem,
-        baseline=baseline,
+        baseline=setup.baseline,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The one EAP-IG loop: ``attribute``, ``mansu.attribution.items.attribute_items`` and
+# ``mansu.attribution.items.write_gradients`` all walk it, each summing what it needs in its own
+# order.
+
+
+@dataclass
+class CounterfactualSetup:
+    """What every pass over one item set shares: the node layout, the token rows (with x~'s tokens
+    for ``stem_swap``) and, for ``mean``, the baseline x~ is made of."""
+
+    layout: NodeLayout
+    rows: list
+    baseline: MeanBaseline | None
+
+
+def counterfactual_setup(model: nn.Module, tokenizer, items: Sequence, *, scoring: str,
+                         counterfactual: str, ig_steps: int, batch_size: int, neuron_block: int,
+                         mean_items: Sequence | None, neutral_stem: str) -> CounterfactualSetup:
+    """Check the settings and build x~ for ``items``: for ``mean``, this model's mean baseline
+    over ``mean_items`` (required); for ``stem_swap``, the rows' neutral-stem tokens."""
+    check_settings(scoring, counterfactual, ig_steps, neuron_block)
+    if not items:
+        raise ValueError("no items to attribute")
+    layout = node_layout(model)
+    baseline = None
+    if counterfactual == "mean":
+        if not mean_items:
+            raise ValueError("counterfactual='mean' needs mean_items (the retain questions)")
+        baseline = mean_baseline(model, tokenizer, mean_items, scoring=scoring,
+                                 batch_size=batch_size)
+    rows = counterfactual_rows(tokenizer, items, scoring, counterfactual, neutral_stem)
+    return CounterfactualSetup(layout, rows, baseline)
+
+
+@dataclass
+class BatchPass:
+    """One batch of the loop: its clean and counterfactual forwards (``endpoints``: input
+    embeddings, node activation differences ``diffs``, M on both sides), and its IG path."""
+
+    index: int  # the batch's position in the loop (``write_gradients``' list is indexed by it)
+    batch: Batch
+    clean_embeds: Tensor
+    corrupt_embeds: Tensor
+    diffs: dict
+    m_clean: Tensor
+    m_corrupt: Tensor
+    model: nn.Module = field(repr=False)
+    layout: NodeLayout = field(repr=False)
+    scoring: str = "cloze"
+    ig_steps: int = 5
+
+    def points(self) -> Iterator[Tensor]:
+        """The IG path's input embeddings e(x~) + (k/m)(e(x) - e(x~)), k = 1..m."""
+        for k in range(1, self.ig_steps + 1):
+            yield self.corrupt_embeds + (k / self.ig_steps) * (self.clean_embeds - self.corrupt_embeds)
+
+    def step_rows(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """Per path point, ``ig_step_rows``: [B, L, H] and [B, L, N]."""
+        for embeds in self.points():
+            yield ig_step_rows(self.model, self.layout, self.batch, self.scoring, self.diffs,
+                               embeds)
+
+
+def ig_passes(model: nn.Module, tokenizer, setup: CounterfactualSetup, *, scoring: str,
+              ig_steps: int, batch_size: int, progress: bool = True,
+              desc: str = "attribution") -> Iterator[BatchPass]:
+    """``setup``'s rows in batches of ``batch_size``, in eval mode: each batch's ``BatchPass``,
+    whose path (``points``, ``step_rows``) the consumer walks before it takes the next."""
+    device = model.get_input_embeddings().weight.device
+    batches = iter_batches(setup.rows, batch_size, pad_id_of(tokenizer), device)
+    total = math.ceil(len(setup.rows) / batch_size)
+    with eval_mode(model):
+        for index, batch in enumerate(tqdm(batches, total=total, desc=desc, disable=not progress,
+                                           leave=False)):
+            yield BatchPass(index, batch,
+                            *endpoints(model, setup.layout, batch, scoring, setup.baseline),
+                            model=model, layout=setup.layout, scoring=scoring, ig_steps=ig_steps)
 
 
 @torch.no_grad()

@@ -8,27 +8,16 @@ residual stream, W_out,v (z_v(x) - z_v(x~)), read by an unembedding on the item'
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from mansu.attribution.circuit import Circuit
-from mansu.attribution.eap_ig import Attribution, check_settings, endpoints, ig_step_rows, mean_baseline
-from mansu.attribution.metric import (
-    NEUTRAL_STEM,
-    Batch,
-    build_rows,
-    iter_batches,
-    kept_logits,
-    neutral_ids,
-    pad_id_of,
-    row_metric,
-)
-from mansu.attribution.nodes import HEADS, NEURONS, NodeLayout, block_sum, eval_mode, find_module, node_layout
+from mansu.attribution.eap_ig import Attribution, counterfactual_setup, ig_passes
+from mansu.attribution.metric import NEUTRAL_STEM, Batch, kept_logits, row_metric
+from mansu.attribution.nodes import HEADS, NEURONS, NodeLayout, block_sum, find_module, node_layout
 from mansu.data import MCQ
 
 FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm")
@@ -99,18 +88,11 @@ def attribute_items(
     W_out,v (z_v(x) - z_v(x~))(pos)>, for the nodes of the layers it holds (0 elsewhere).
     ``scores=False`` skips the ``ig_steps`` forward-backward passes (most of the cost): ``scores``
     and the attribution's node scores are then zero, and ``has_scores`` says so."""
-    check_settings(scoring, counterfactual, ig_steps, neuron_block)
-    if not items:
-        raise ValueError("no items to attribute")
-    layout = node_layout(model)
-    baseline = None
-    if counterfactual == "mean":
-        if not mean_items:
-            raise ValueError("counterfactual='mean' needs mean_items (the retain questions)")
-        baseline = mean_baseline(model, tokenizer, mean_items, scoring=scoring,
-                                 batch_size=batch_size)
-    neutral = neutral_ids(tokenizer, neutral_stem) if counterfactual == "stem_swap" else None
-    rows = build_rows(tokenizer, items, scoring, neutral)
+    setup = counterfactual_setup(model, tokenizer, items, scoring=scoring,
+                                 counterfactual=counterfactual, ig_steps=ig_steps,
+                                 batch_size=batch_size, neuron_block=neuron_block,
+                                 mean_items=mean_items, neutral_stem=neutral_stem)
+    layout = setup.layout
     n, n_blocks = len(items), layout.n_blocks(neuron_block)
     heads = torch.zeros(n, layout.n_layers, layout.n_heads)
     neurons = torch.zeros(n, layout.n_layers, n_blocks)
@@ -123,40 +105,33 @@ def attribute_items(
     device = model.get_input_embeddings().weight.device
     readout = (readout_matrix(model) if readout is None else readout).to(device)
     projections = output_projections(model)
-    batches = iter_batches(rows, batch_size, pad_id_of(tokenizer), device)
-    with eval_mode(model):
-        for index, batch in enumerate(tqdm(batches, total=math.ceil(len(rows) / batch_size),
-                                           desc="attribution", disable=not progress,
-                                           leave=False)):
-            gradients = frozen_gradients[index] if frozen_gradients is not None else {}
-            clean_embeds, corrupt_embeds, batch_diffs, m_clean, m_corrupt = endpoints(
-                model, layout, batch, scoring, baseline)
-            metric_clean.index_add_(0, batch.items, m_clean.cpu())
-            metric_corrupt.index_add_(0, batch.items, m_corrupt.cpu())
-            read = batch.keep[..., None]
-            for key, diff in batch_diffs.items():
-                per_row = (diff * read).sum(1).cpu()
-                if key not in diffs:
-                    diffs[key] = torch.zeros(n, per_row.shape[-1])
-                diffs[key].index_add_(0, batch.items, per_row)
-                projection = projections[key].to(device)
-                _add_nodes(direct_heads, direct_neurons, key, batch.items, neuron_block, layout,
-                           _direct_effect(diff, batch, readout, projection).cpu())
-                if key in gradients:
-                    _add_nodes(frozen_heads, frozen_neurons, key, batch.items, neuron_block, layout,
-                               _frozen_score(gradients[key], diff, projection))
-            for k in range(1, ig_steps + 1 if scores else 1):
-                row_heads, row_neurons = ig_step_rows(
-                    model, layout, batch, scoring, batch_diffs,
-                    corrupt_embeds + (k / ig_steps) * (clean_embeds - corrupt_embeds))
-                heads.index_add_(0, batch.items, row_heads)
-                neurons.index_add_(0, batch.items, block_sum(
-                    row_neurons.flatten(0, 1), neuron_block).view(-1, layout.n_layers, n_blocks))
+    for part in ig_passes(model, tokenizer, setup, scoring=scoring, ig_steps=ig_steps,
+                          batch_size=batch_size, progress=progress):
+        batch = part.batch
+        gradients = frozen_gradients[part.index] if frozen_gradients is not None else {}
+        metric_clean.index_add_(0, batch.items, part.m_clean.cpu())
+        metric_corrupt.index_add_(0, batch.items, part.m_corrupt.cpu())
+        read = batch.keep[..., None]
+        for key, diff in part.diffs.items():
+            per_row = (diff * read).sum(1).cpu()
+            if key not in diffs:
+                diffs[key] = torch.zeros(n, per_row.shape[-1])
+            diffs[key].index_add_(0, batch.items, per_row)
+            projection = projections[key].to(device)
+            _add_nodes(direct_heads, direct_neurons, key, batch.items, neuron_block, layout,
+                       _direct_effect(diff, batch, readout, projection).cpu())
+            if key in gradients:
+                _add_nodes(frozen_heads, frozen_neurons, key, batch.items, neuron_block, layout,
+                           _frozen_score(gradients[key], diff, projection))
+        for row_heads, row_neurons in (part.step_rows() if scores else ()):
+            heads.index_add_(0, batch.items, row_heads)
+            neurons.index_add_(0, batch.items, block_sum(
+                row_neurons.flatten(0, 1), neuron_block).view(-1, layout.n_layers, n_blocks))
     heads, neurons = heads / ig_steps, neurons / ig_steps
     mean = Attribution(heads=heads.mean(0), neurons=neurons.mean(0), metric_clean=metric_clean,
                        metric_corrupt=metric_corrupt, scoring=scoring,
                        counterfactual=counterfactual, neuron_block=neuron_block,
-                       ig_steps=ig_steps, neutral_stem=neutral_stem, baseline=baseline)
+                       ig_steps=ig_steps, neutral_stem=neutral_stem, baseline=setup.baseline)
     return ItemAttribution(torch.cat([heads.flatten(1), neurons.flatten(1)], 1), diffs, mean,
                            torch.cat([direct_heads.flatten(1), direct_neurons.flatten(1)], 1),
                            torch.cat([frozen_heads.flatten(1), frozen_neurons.flatten(1)], 1),
@@ -185,16 +160,11 @@ def write_gradients(
     Through W_out,v it is every node's EAP-IG gradient; kept from θ0 it scores a later model's
     circuit writes by θ0's downstream (``attribute_items(frozen_gradients=)``). Settings as
     ``attribute_items``'s, whose batches are the same."""
-    check_settings(scoring, counterfactual, ig_steps, neuron_block)
-    layout = node_layout(model)
-    baseline = None
-    if counterfactual == "mean":
-        if not mean_items:
-            raise ValueError("counterfactual='mean' needs mean_items (the retain questions)")
-        baseline = mean_baseline(model, tokenizer, mean_items, scoring=scoring,
-                                 batch_size=batch_size)
-    neutral = neutral_ids(tokenizer, neutral_stem) if counterfactual == "stem_swap" else None
-    rows = build_rows(tokenizer, items, scoring, neutral)
+    setup = counterfactual_setup(model, tokenizer, items, scoring=scoring,
+                                 counterfactual=counterfactual, ig_steps=ig_steps,
+                                 batch_size=batch_size, neuron_block=neuron_block,
+                                 mean_items=mean_items, neutral_stem=neutral_stem)
+    layout = setup.layout
     device = model.get_input_embeddings().weight.device
     structure = {HEADS: layout.structure.head_out, NEURONS: layout.structure.neuron_out}
     modules = {key: model.get_submodule(layout.module_name(key[1], structure[key[0]]))
@@ -204,23 +174,17 @@ def write_gradients(
     heads = torch.zeros(n, layout.n_layers, layout.n_heads)
     neurons = torch.zeros(n, layout.n_layers, n_blocks)
     out = []
-    with eval_mode(model):
-        for batch in tqdm(iter_batches(rows, batch_size, pad_id_of(tokenizer), device),
-                          total=math.ceil(len(rows) / batch_size), desc="θ0 gradients", leave=False,
-                          disable=not progress):
-            clean_embeds, corrupt_embeds, diffs, _, _ = endpoints(model, layout, batch, scoring,
-                                                                  baseline)
-            sums = {key: 0.0 for key in modules}
-            for k in range(1, ig_steps + 1):
-                embeds = corrupt_embeds + (k / ig_steps) * (clean_embeds - corrupt_embeds)
-                grads = _output_gradients(model, modules, batch, scoring, embeds)
-                sums = {key: sums[key] + grads[key] for key in modules}
-            gradients = {key: (total / ig_steps).cpu()
-                         for key, total in sums.items()}
-            for key, gradient in gradients.items():
-                _add_nodes(heads, neurons, key, batch.items, neuron_block, layout,
-                           _frozen_score(gradient, diffs[key], projections[key].to(device)))
-            out.append(gradients)
+    for part in ig_passes(model, tokenizer, setup, scoring=scoring, ig_steps=ig_steps,
+                          batch_size=batch_size, progress=progress, desc="θ0 gradients"):
+        sums = {key: 0.0 for key in modules}
+        for embeds in part.points():
+            grads = _output_gradients(model, modules, part.batch, scoring, embeds)
+            sums = {key: sums[key] + grads[key] for key in modules}
+        gradients = {key: (total / ig_steps).cpu() for key, total in sums.items()}
+        for key, gradient in gradients.items():
+            _add_nodes(heads, neurons, key, part.batch.items, neuron_block, layout,
+                       _frozen_score(gradient, part.diffs[key], projections[key].to(device)))
+        out.append(gradients)
     return out, torch.cat([heads.flatten(1), neurons.flatten(1)], 1)
 
 

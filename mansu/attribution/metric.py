@@ -182,6 +182,14 @@ def kept_logits(model: nn.Module, embeds: Tensor, batch: Batch) -> Tensor:
 
 
 
+def counterfactual_rows(tokenizer, items: Sequence, scoring: str, counterfactual: str | None,
+                        neutral_stem: str = NEUTRAL_STEM) -> list[_Row]:
+    """The token rows of ``items``: with x~'s tokens for ``stem_swap`` (``neutral_stem`` in the
+    question's place), clean only otherwise (``mean`` patches activations, not tokens)."""
+    neutral = neutral_ids(tokenizer, neutral_stem) if counterfactual == "stem_swap" else None
+    return build_rows(tokenizer, items, scoring, neutral)
+
+
 def neutral_ids(tokenizer, text: str) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:

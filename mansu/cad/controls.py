@@ -33,9 +33,9 @@ from mansu.attribution.items import (
 from mansu.attribution.metric import (
     NEUTRAL_STEM,
     build_rows,
+    counterfactual_rows,
     iter_batches,
     kept_logits,
-    neutral_ids,
     pad_id_of,
     row_metric,
 )
@@ -53,7 +53,7 @@ def mean_metric(model: nn.Module, tokenizer, items: Sequence, *, scoring: str,
                 batch_size: int = 16) -> tuple[Tensor, Tensor]:
     """Mean M over ``items`` (attribution's metric) on the clean inputs and on their neutral-stem
     counterfactuals x~, differentiable."""
-    rows = build_rows(tokenizer, items, scoring, neutral_ids(tokenizer, NEUTRAL_STEM))
+    rows = counterfactual_rows(tokenizer, items, scoring, "stem_swap", NEUTRAL_STEM)
     embed = model.get_input_embeddings()
     clean, counterfactual = 0.0, 0.0
     for batch in iter_batches(rows, batch_size, pad_id_of(tokenizer), embed.weight.device):

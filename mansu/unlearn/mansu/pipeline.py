@@ -17,8 +17,6 @@ import torch
 from torch import nn
 
 from mansu.attribution.circuit import Circuit
-from mansu.attribution.eap_ig import attribute
-from mansu.attribution.selection.sufficiency import select_circuit
 from mansu.context import RunContext
 from mansu.data import Split
 from mansu.unlearn.batches import LOSS_TOKENS, encoded_batches, scored_answer_starts, text_batches
@@ -56,7 +54,6 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
             retain_budget: float = 0.05, floor: bool = True,
             floor_mode: Literal["knapsack", "next_code", "stochastic"] = "knapsack",
             circuit: Literal["attributed", "random", "full"] = "attributed",
-            ig_steps: int = 5, threshold: float = 0.8, neuron_block: int = 1,
             target_forget_acc: float | None = None, eval_every: int = 10,
             retain_weight: float = 0.0, weight_decay: float = 0.0, max_length: int = 512,
             blocksize: int = 64,
@@ -76,9 +73,7 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
     require(bool(linears), f"mansu: {type(model).__name__} has no quantizable layer (no nn.Linear "
                            f"outside skip_modules={tuple(skip_modules)}), so there is nothing "
                            "the NF4 floor could act on")
-    chosen_circuit = choose_circuit(model, tokenizer, forget, retain, ctx, circuit,
-                                    ig_steps=ig_steps, threshold=threshold,
-                                    neuron_block=neuron_block)
+    chosen_circuit = choose_circuit(model, ctx, circuit)
     masked, mask_info = build_mask(model, linears, chosen_circuit, blocksize)
     texts = retain_texts(tokenizer, retain, loss_tokens=loss_tokens, n_nullspace=n_retain,
                          n_fisher=n_fisher, n_heldout=n_heldout, seed=ctx.seed,
@@ -222,26 +217,16 @@ def _check_knobs(retain: Split, *, beta: float, forget_loss: str, loss_tokens: s
             "mansu: the retain corpus is empty; the null space and the retain budget need it")
 
 
-def choose_circuit(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, kind: str, *,
-                   ig_steps: int = 5, threshold: float = 0.8,
-                   neuron_block: int = 1) -> Circuit | None:
-    """The circuit to unlearn in: ``attributed`` = ctx.circuit (the launcher's, selected on θ0),
-    or selected here by EAP-IG when the launcher did not run attribution; ``random`` = as many
-    heads and neuron blocks (and weights) at random, seeded by ctx.seed; ``full`` = None, every
-    quantized weight."""
+def choose_circuit(model, ctx: RunContext, kind: str) -> Circuit | None:
+    """The circuit to unlearn in, from the launcher's attribution stage only: ``attributed`` =
+    ctx.circuit (selected on θ0); ``random`` = as many heads and neuron blocks (and weights) at
+    random, seeded by ctx.seed; ``full`` = None, every quantized weight (no circuit needed)."""
     if kind == "full":
         return None
-    reference = ctx.circuit
-    if reference is None:
-        require(bool(forget.questions) and bool(retain.questions),
-                "mansu: attributing the circuit needs forget and retain questions")
-        settings = {"scoring": ctx.scoring, "ig_steps": ig_steps, "neuron_block": neuron_block,
-                    "progress": False}
-        attr_f = attribute(model, tokenizer, forget.questions, **settings)
-        attr_r = attribute(model, tokenizer, retain.questions, **settings)
-        reference = select_circuit(model, tokenizer, forget.questions, attr_f, attr_r,
-                                   threshold=threshold, progress=False)
-    return reference if kind == "attributed" else random_circuit(reference, ctx.seed, model)
+    require(ctx.circuit is not None,
+            f"mansu: circuit={kind} needs the attribution stage's circuit (attribution=eap_ig); "
+            "set method.circuit=full to unlearn every quantized weight instead")
+    return ctx.circuit if kind == "attributed" else random_circuit(ctx.circuit, ctx.seed, model)
 
 
 def _n_parameters(model: nn.Module) -> int:
