@@ -8,7 +8,7 @@ tensor the pass would compute, so results do not change).
 
 Two read-outs, both normalized by the whole effect of the counterfactual, D = M(model) - M(all
 nodes patched), summed over items:
-- faithfulness(S) = (M(S clean, rest patched) - M(all patched)) / D  (sufficiency, METHOD.md §3);
+- faithfulness(S) = (M(S clean, rest patched) - M(all patched)) / D  (sufficiency, docs/method.md §3);
 - removed(S) = (M(model) - M(S patched, rest clean)) / D  (necessity: the share of the item's
   metric that ablating S takes away; 1 = as much as patching every node).
 """

@@ -1,4 +1,4 @@
-"""The circuit: selected nodes, and the parameter entries they own (METHOD.md §3), or, when a
+"""The circuit: selected nodes, and the parameter entries they own (docs/method.md §3), or, when a
 selection rule cut it further (``mansu.attribution.selection.necessity``), its own per-weight set."""
 
 from __future__ import annotations

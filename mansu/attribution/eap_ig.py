@@ -1,4 +1,4 @@
-"""Node-level EAP-IG attribution (METHOD.md §3) and its heatmap.
+"""Node-level EAP-IG attribution (docs/method.md §3) and its heatmap.
 
 The counterfactual x~ is either ``stem_swap`` (``mansu.attribution.metric``: a neutral stem in place of the
 question's tokens) or ``mean``: every node replaced by its mean activation over the retain

@@ -1,4 +1,4 @@
-"""Controls that CAD can fail (scripts/cad_controls.py, tests/test_cad.py), on a model and its
+"""Controls that CAD can fail (scripts/cad_controls.py, tests/cad/test_cad.py), on a model and its
 forget items, against the circuit selected on θ0:
 
 1. ``suppression``: θ0's last-layer MLP neurons outside the circuit (their input rows and output

@@ -1,4 +1,4 @@
-"""Circuit Attribution Divergence (METHOD.md §5): does θ0's circuit still compute the forget signal?
+"""Circuit Attribution Divergence (docs/method.md §5): does θ0's circuit still compute the forget signal?
 
 θ0, θu (and Q(θu)) are attributed on the same items, counterfactuals and metric
 (``mansu.attribution.items.attribute_items``), and compared on the circuit C selected on θ0. Variants,

@@ -1,6 +1,6 @@
 """The ``necessity`` selection rule: a small forget set of weights that is safe for retain.
 
-Where it departs from METHOD.md §3 (whose rule, kept as ``select: sufficiency``, grows the circuit
+Where it departs from docs/method.md §3 (whose rule, kept as ``select: sufficiency``, grows the circuit
 by forget-specificity until the circuit alone reproduces 0.8 of M):
 1. Nodes are taken in order of their forget EAP-IG score a_f (> 0 only: a node whose patching would
    raise M is never a reason to forget), and a set S is judged by ablation, not sufficiency:
@@ -132,7 +132,7 @@ def select_necessary(
                          f"without removing more than retain_removed={retain_removed} of the "
                          f"retain metric (raise it, or use select=sufficiency)")
     chosen = torch.tensor(nodes)
-    # The chosen set's own numbers (and its faithfulness, METHOD.md's read-out) in one pass.
+    # The chosen set's own numbers (and its faithfulness, docs/method.md's read-out) in one pass.
     forget_at, faithful = forget_eval.removed([chosen])[0], forget_eval.faithfulness([chosen])[0]
     retain_at = retain_eval.removed([chosen])[0]
     curve = []

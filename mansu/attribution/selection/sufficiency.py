@@ -1,4 +1,4 @@
-"""The ``sufficiency`` selection rule (METHOD.md §3): nodes in forget-specificity order, grown until
+"""The ``sufficiency`` selection rule (docs/method.md §3): nodes in forget-specificity order, grown until
 the circuit's faithfulness on the forget items reaches a threshold."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MANSU's entry point: the steps of METHOD.md §4 in order, each in the module named for it.
+"""MANSU's entry point: the steps of docs/method.md §4 in order, each in the module named for it.
 
 1. circuit and mask ............ mask.py   (the θ0 circuit from the launcher, random, or full)
 2. retain statistics ........... retain.py (three disjoint retain sets: null space, cost, held out)
