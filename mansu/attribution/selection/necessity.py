@@ -20,7 +20,7 @@ by forget-specificity until the circuit alone reproduces 0.8 of M):
    share and their own ablation (zeroed), and the stability of the whole rule across two disjoint
    halves of the forget items (Jaccard of nodes and of weights).
 
-Measured on the tiny default model, 8 facts (README, "Circuit selection"): 37 nodes remove 0.507 of
+Measured on the tiny default model, 8 facts (docs/results/circuit_selection.md): 37 nodes remove 0.507 of
 the forget metric and 0.076 of the retain one; 0.50% of the quantized weights kept; node Jaccard
 across halves 0.0. Not yet measured on SmolLM2.
 """
