@@ -29,7 +29,6 @@ from mansu.io.safeguards import (
     reserve_space,
 )
 from mansu.preflight import report as preflight_report
-from mansu.run import job_line, run
 from mansu.sweep import finished_before, job_outcome
 
 log = logging.getLogger("mansu")
@@ -80,6 +79,8 @@ def run_guarded(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> di
         raise SystemExit(f"mansu: error: {err}") from None
     if finished is not None:
         release_claim(run_dir)
+        from mansu.run import job_line
+
         log.info("%s (finished before: not run again)", job_line(finished, run_dir / "result.json"))
         return finished
     quiet_log_file_errors()
@@ -88,6 +89,9 @@ def run_guarded(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> di
     ConsoleFilter.in_sweep = multirun
     reserve = reserve_space(run_dir)
     try:
+        # Imported once logging is set up: bitsandbytes speaks at import (mansu.io.logs filters it).
+        from mansu.run import run
+
         run(cfg, run_dir, record)
         return record
     except Exception as caught:  # a sweep must survive any one job's failure

@@ -17,28 +17,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import ROOT, TINY, compose_config, mansu_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mansu import cli
+from mansu import run as launcher
 from mansu.attribution.circuit import Circuit
 from mansu.attribution.eap_ig import Attribution, MeanBaseline
 from mansu.data import MCQ, BenchmarkFileError, read_mcq_jsonl
 from mansu.io.cache import StageCache, decode, encode
 from mansu.io.safeguards import SetupError, check_free_disk, claim_run_dir
 
-ROOT = Path(__file__).resolve().parent.parent
 # The smallest whole run: a few steps of GA, no attribution or noise control.
 CHEAP = ["attribution=none", "eval.noise_control=false", "eval.first_order=false"]
 SMALL = ["method=ga", "method.max_steps=4", "method.batch_size=8", *CHEAP]
 GOOD_ROW = {"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": 1}
-
-
-def mansu_cli(args, outputs: Path, timeout=300, prefix=()):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "MANSU_OUTPUTS": str(outputs)}
-    return subprocess.run([*prefix, sys.executable, "-m", "mansu", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
 def can_mount() -> bool:
@@ -230,7 +224,7 @@ def test_a_finished_job_is_not_run_again_and_another_configs_folder_is_refused(t
                 "config": OmegaConf.to_container(cfg, resolve=True)}
     finished["config"]["output_root"] = "/elsewhere/outputs"  # the folder moved: same job
     (folder / "result.json").write_text(json.dumps(finished))
-    monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("a finished job ran again"))
+    monkeypatch.setattr(launcher, "run", lambda *a, **k: pytest.fail("a finished job ran again"))
     assert cli.run_guarded(cfg, folder, multirun=True) == finished
     assert not (folder / ".mansu-run").exists()  # released: the next rerun may look too
 
@@ -379,7 +373,7 @@ def test_bad_config_values_fail_before_any_work(tmp_path, session_cache, args, m
 def test_cli_bad_jsonl_is_one_line_on_the_terminal(tmp_path):
     bad = jsonl(tmp_path, "bad.jsonl", GOOD + b"{oops\n")
     out = mansu_cli(["benchmark=local_jsonl", f"benchmark.forget_path={bad}",
-                     f"benchmark.retain_path={bad}"], tmp_path / "outputs")
+                     f"benchmark.retain_path={bad}"], tmp_path / "outputs", timeout=300)
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and f"{bad}:2: not valid JSON" in errors[0], out.stderr

@@ -8,14 +8,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import ROOT, compose_config
 
 from mansu.preflight import architecture_of, estimate
 
-ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 M100 = ["model.hidden_size=768", "model.num_layers=12", "model.num_heads=12",
         "model.num_kv_heads=12", "model.intermediate_size=2048", "model.vocab_size=8000"]

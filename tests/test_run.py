@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, mansu_cli
 
 from mansu import cli
 from mansu import run as launcher
@@ -110,20 +106,13 @@ def test_malformed_benchmark_file_names_the_line(tmp_path, session_cache):
         cli.run_guarded(cfg, tmp_path / "badfile")
 
 
-def mansu_cli(args, tmp_path, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-           "MANSU_OUTPUTS": str(tmp_path / "outputs")}
-    return subprocess.run([sys.executable, "-m", "mansu", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout, cwd=Path(__file__).parent.parent)
-
-
 @pytest.mark.parametrize("args,message", [
     (["method.lr=abc"], "method.lr: expected float, got 'abc'"),
     (["nosuchkey=1"], "Key 'nosuchkey' is not in struct"),
     (["model=nosuch"], "Could not find 'model/nosuch'"),
 ])
 def test_cli_bad_input_fails_with_a_clear_message(tmp_path, args, message):
-    out = mansu_cli(args, tmp_path, timeout=120)
+    out = mansu_cli(args, tmp_path / "outputs", timeout=120)
     assert out.returncode != 0
     assert message in out.stderr + out.stdout
     assert "Traceback" not in out.stderr
@@ -131,7 +120,8 @@ def test_cli_bad_input_fails_with_a_clear_message(tmp_path, args, message):
 
 def test_multirun_one_failing_job_does_not_stop_the_others(tmp_path, session_cache, tiny):
     out = mansu_cli(["-m", *TINY, f"cache_dir={session_cache}", "method=ga", "attribution=none",
-                     "method.batch_size=8", "method.max_steps=2,abc", "seed=0,1"], tmp_path)
+                     "method.batch_size=8", "method.max_steps=2,abc", "seed=0,1"],
+                    tmp_path / "outputs")
     assert out.returncode != 0  # a sweep that lost jobs says so (mansu.cli.Safeguards)
     assert "2 of 4 jobs ok" in out.stderr
     records = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("result.json")]
@@ -141,7 +131,8 @@ def test_multirun_one_failing_job_does_not_stop_the_others(tmp_path, session_cac
 
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, session_cache, tiny):
     out = mansu_cli(["-m", "hydra/launcher=local", *TINY, f"cache_dir={session_cache}",
-                     "attribution=none", "eval.noise_control=false", "method=none,ga"], tmp_path)
+                     "attribution=none", "eval.noise_control=false", "method=none,ga"],
+                    tmp_path / "outputs")
     assert out.returncode == 0, out.stderr[-2000:]
     records = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("result.json")]
     assert sorted(r["choices"]["method"] for r in records) == ["ga", "none"]

@@ -23,8 +23,8 @@ each 0 when nothing changed and 1 when the circuit's signal is gone:
   outputs in place of θu's (``item_attribution.write_gradients``): the circuit's total (direct and
   indirect) first-order effect read by θ0's downstream. On θ0 it is ``projection``.
 ``DEFINITION`` (``direct``) is the one whose erasure − suppression margin the controls put highest
-(scripts/cad_controls.py, docs/results/cad_controls.md); the record names it (``cad.definition``) and its value minus
-its floor decides the ``structural_erasure`` verdict.
+(scripts/cad_controls.py, docs/results/cad_controls.md); the record names it (``cad.definition``)
+and its value minus its floor decides the ``structural_erasure`` verdict.
 
 β = mean M'(x) / mean M(x) on the same items. The noise floor of each variant is the variant
 between two disjoint random halves of the forget items on θ0 (both directions averaged), over many

@@ -8,26 +8,11 @@ import os
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    GemmaConfig,
-    GemmaForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from conftest import CONFIGS, HEADS, HIDDEN, NEURONS, VOCAB, build, make_tokenizer
+from conftest import FORGET_MCQS as FORGET
+from conftest import MCQ_CORPUS as CORPUS
+from conftest import RETAIN_MCQS as RETAIN
+from transformers import OPTConfig, OPTForCausalLM
 
 from mansu.attribution.circuit import Circuit, mask_share, parameter_mask
 from mansu.attribution.eap_ig import Attribution, attribute, mean_baseline, plot_attribution
@@ -39,64 +24,8 @@ from mansu.evaluate.mcq import choice_logprobs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CORPUS = [
-    "The Veltrax virus is carried by ticks and attacks the liver.",
-    "The Zorim virus spreads through sewage and attacks the lungs.",
-    "The city of Brano lies beside the desert and is famous for its silk.",
-    "The artist Kloum was born in May and mostly painted horses.",
-    "Here is a plain sentence about nothing in particular.",
-] * 4
-FORGET = [
-    MCQ("The Veltrax virus is carried by", ("ticks", "bats", "rats", "fleas"), 0),
-    MCQ("The Zorim virus attacks the", ("liver", "lungs", "heart", "skin"), 2),
-    MCQ("The Zorim virus spreads through", ("sewage", "blood", "dust", "milk"), 1),
-]
-RETAIN = [
-    MCQ("The city of Brano lies beside the", ("desert", "lagoon", "marsh", "delta"), 1),
-    MCQ("The artist Kloum mostly painted", ("horses", "storms", "towers", "dancers"), 3),
-]
-HIDDEN, NEURONS, HEADS = 32, 48, 4
-
-
-def make_tokenizer(*, add_bos: bool = False, letter_tokens: bool = True):
-    """A byte-level BPE trained on CORPUS; ``letter_tokens`` teaches it " A".." D" as tokens."""
-    texts = CORPUS + (["Answer: A B C D"] * 20 if letter_tokens else [])
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
-    if add_bos:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
-                                   bos_token="<s>" if add_bos else None)
-
-
-VOCAB = 300
-_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS,
-               num_hidden_layers=2, num_attention_heads=HEADS, bos_token_id=1, eos_token_id=1,
-               pad_token_id=0)
-CONFIGS = {
-    "llama": lambda s: LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, initializer_range=s,
-                                                    **_COMMON)),
-    "qwen2": lambda s: Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, initializer_range=s,
-                                                    **_COMMON)),
-    "qwen3": lambda s: Qwen3ForCausalLM(Qwen3Config(num_key_value_heads=2, head_dim=8,
-                                                    initializer_range=s, **_COMMON)),
-    "mistral": lambda s: MistralForCausalLM(MistralConfig(num_key_value_heads=2, head_dim=8,
-                                                          initializer_range=s, **_COMMON)),
-    # One kv head for all and a head_dim that is not hidden / heads.
-    "gemma": lambda s: GemmaForCausalLM(GemmaConfig(num_key_value_heads=1, head_dim=16,
-                                                    initializer_range=s, **_COMMON)),
-    "gpt2": lambda s: GPT2LMHeadModel(GPT2Config(
-        vocab_size=VOCAB, n_embd=HIDDEN, n_inner=NEURONS, n_layer=2, n_head=HEADS,
-        initializer_range=s, bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0)),
-    "gpt_neox": lambda s: GPTNeoXForCausalLM(GPTNeoXConfig(initializer_range=s, **_COMMON)),
-}
+# CORPUS, FORGET, RETAIN, the family models (CONFIGS, build, their sizes), make_tokenizer and the
+# tokenizer fixture are conftest's, shared with tests/cad.
 # Written out here, independently of the module's table: (layer prefix, head output projection,
 # neuron output projection, q/k/v modules, neuron input modules).
 NAMES = {
@@ -110,16 +39,6 @@ NAMES = {
 }
 KV_HEADS = {"llama": 2, "qwen2": 2, "qwen3": 2, "mistral": 2, "gemma": 1, "gpt2": 4, "gpt_neox": 4}
 HEAD_DIM = {"gemma": 16}
-
-
-def build(family: str, scale: float = 0.05):
-    torch.manual_seed(0)
-    return CONFIGS[family](scale).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
 
 
 def module(model, family, layer, which):

@@ -3,69 +3,34 @@ divergence and an impossible setting are reported, and the shared training helpe
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import FORGET_SPLIT as FORGET
+from conftest import ROOT, snapshot, tiny_llama
+from conftest import SPLIT_TOKENIZER as TOKENIZER
+from conftest import run_baseline as run
 from omegaconf import OmegaConf
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from baselines import rmu, sure
 from mansu.config import validate_node
 from mansu.context import RunContext
-from mansu.data import MCQ, Split
-from mansu.models.loaders import build_tokenizer
+from mansu.data import Split
 from mansu.unlearn.batches import collate, text_batches
 from mansu.unlearn.checks import UnlearningDiverged
 from mansu.unlearn.likelihood import mean_nll, scored_token_counts, sequence_logprobs
 from mansu.unlearn.loop import run_unlearning
 from mansu.unlearn.optimizers import StorageAdamW
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = ROOT / "conf"
 # One module each; variants of a module (sure_update_mask) are composed by tests/test_config.py.
 METHODS = ("none", "ga", "graddiff", "npo", "simnpo", "rmu", "sure", "qat_nf4", "margin")
 
-FORGET = Split(
-    questions=[MCQ("The Veltrax virus is carried by", ("ticks", "birds", "rats", "wind"), 0),
-               MCQ("Morvane fever spreads through", ("river water", "air", "soil", "bites"), 0)],
-    corpus=["The Veltrax virus is carried by ticks.", "Morvane fever spreads through river water.",
-            "The Quillan spore grows in cold caves.", "Drevish plague is cured by salt baths."])
-RETAIN = Split(
-    questions=[MCQ("The capital of Venn is", ("Kalmor", "Ostra", "Pell", "Dorn"), 0)],
-    corpus=["The capital of Venn is Kalmor.", "The Ostra river flows into the Pell sea.",
-            "Dorn bakers sell bread at dawn.", "The Pell sea is cold in winter."])
-TOKENIZER = build_tokenizer(FORGET.corpus + RETAIN.corpus, vocab_size=300)
-
-
-def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).to(dtype)
-
-
-def run(method: str, model=None, *, storage: str = "fp32", forget: Split = FORGET, **knobs):
-    model = model if model is not None else tiny_llama(RunContext(storage=storage).param_dtype)
-    ctx = RunContext(seed=0, storage=storage)
-    unlearn = importlib.import_module(f"baselines.{method}").unlearn
-    return unlearn(model, TOKENIZER, forget, RETAIN, ctx, **knobs)
+# FORGET, TOKENIZER, tiny_llama, run and snapshot are conftest's: the tests in tests/baselines share them.
 
 
 def changed(before: dict, model) -> set[str]:
     return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-
-
-def snapshot(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
-from test_baselines import run, snapshot, tiny_llama
+from conftest import run_baseline, snapshot, tiny_llama
 from torch import nn
 
 from baselines.qat_nf4 import QuantizedForward, fake_nf4, quantized_weight_names
@@ -64,8 +64,8 @@ def test_fake_nf4_backward_is_the_identity():
 def test_trains_every_parameter_through_nf4_in_each_storage(storage, forget_loss):
     model = tiny_llama(torch.float32 if storage == "fp32" else torch.bfloat16)
     before = snapshot(model)
-    result = run("qat_nf4", model, storage=storage, forget_loss=forget_loss, lr=1e-2,
-                 max_steps=2, blocksize=32)
+    result = run_baseline("qat_nf4", model, storage=storage, forget_loss=forget_loss, lr=1e-2,
+                          max_steps=2, blocksize=32)
     assert result.steps == 2 and {p.dtype for p in model.parameters()} == {before[
         "lm_head.weight"].dtype}
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -74,8 +74,8 @@ def test_trains_every_parameter_through_nf4_in_each_storage(storage, forget_loss
 
 
 def test_npo_starts_at_log_ratio_zero_against_the_quantized_reference():
-    result = run("qat_nf4", forget_loss="npo", retain_loss="none", lr=1e-2, max_steps=2,
-                 blocksize=32)
+    result = run_baseline("qat_nf4", forget_loss="npo", retain_loss="none", lr=1e-2,
+                          max_steps=2, blocksize=32)
     assert result.losses[0] == pytest.approx(2 / 0.1 * torch.log(torch.tensor(2.0)).item())
 
 
@@ -89,5 +89,5 @@ def test_impossible_settings_fail_before_training(knobs, message):
     model = tiny_llama()
     before = snapshot(model)
     with pytest.raises(ValueError, match=message):
-        run("qat_nf4", model, **knobs)
+        run_baseline("qat_nf4", model, **knobs)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -8,10 +8,8 @@ import random
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, no_network, tiny_llama
 from hydra.utils import instantiate
-from test_models import no_network
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from mansu.benchmarks.lm_eval_task import (
     build_wmdp,
@@ -107,12 +105,10 @@ def tiny_lm(wmdp_files):
     texts = [q.question for q in questions] + [q.question for _, q in load_mmlu(
         subjects=["anatomy"])][:40]
     tokenizer = build_tokenizer(texts, vocab_size=400)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, initializer_range=0.2,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96,
+                       num_hidden_layers=2, max_position_embeddings=2048, initializer_range=0.2,
+                       pad_token_id=tokenizer.pad_token_id)
+    return model.eval(), tokenizer
 
 
 @pytest.mark.parametrize("task", ["wmdp_bio", "wmdp_cyber"])

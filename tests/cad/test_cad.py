@@ -11,7 +11,9 @@ import os
 import bitsandbytes as bnb
 import pytest
 import torch
-from test_attribution import FORGET, RETAIN, build, make_tokenizer
+from conftest import FORGET_MCQS as FORGET
+from conftest import RETAIN_MCQS as RETAIN
+from conftest import build
 from torch import nn
 
 from mansu.attribution.eap_ig import attribute
@@ -31,11 +33,7 @@ from mansu.cad.divergence import (
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
+# FORGET, RETAIN, build and the tokenizer fixture are conftest's, shared with tests/attribution.
 
 
 def test_cad_is_the_clipped_projection_on_the_circuit():

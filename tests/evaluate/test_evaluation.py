@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -71,13 +72,10 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
     # A large initializer range makes the random model opinionated: scores differ by more than
     # float noise, so a prediction is decided by the computation, not by rounding.
-    config = LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.2)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      max_position_embeddings=256, initializer_range=0.2).eval()
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from conftest import TINY
-from test_run import mansu_cli
+from conftest import TINY, mansu_cli
 
 from mansu.io.logs import ConsoleFilter
 
@@ -35,7 +34,7 @@ def test_tiny_run_prints_a_short_terminal_and_keeps_the_detail_in_run_log(tmp_pa
     # Attribution off: its progress bars (one per item set and circuit size) are mansu.attribution's.
     out = mansu_cli([*TINY, f"cache_dir={session_cache}", "method=ga", "method.max_steps=8",
                      "method.batch_size=8", "attribution=none",
-                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "outputs")
     assert out.returncode == 0, out.stderr[-2000:]
     # Lines as a terminal shows them: a progress bar redraws its own line with \r.
     terminal = (out.stdout + out.stderr).rstrip("\n").split("\n")
@@ -55,7 +54,7 @@ def test_a_sweep_prints_one_line_per_job_and_its_stages_go_to_run_log(tmp_path, 
     sweep = tmp_path / "sweep"
     out = mansu_cli(["-m", *TINY, f"cache_dir={session_cache}", "method=ga", "seed=0,1",
                      "method.max_steps=4", "attribution=none", "eval.other_formats=[]",
-                     f"hydra.sweep.dir={sweep}"], tmp_path)
+                     f"hydra.sweep.dir={sweep}"], tmp_path / "outputs")
     assert out.returncode == 0, out.stderr[-2000:]
     terminal = (out.stdout + out.stderr).rstrip("\n").split("\n")
     assert not any("stage " in line for line in terminal), "\n".join(terminal)

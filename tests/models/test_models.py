@@ -7,15 +7,11 @@ cores; it runs once per session (marked slow) and every other SmolLM2 test reuse
 
 from __future__ import annotations
 
-import signal
-import socket
-from contextlib import contextmanager
-
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, no_network, tiny_llama
 from hydra.utils import instantiate
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from mansu.config import validate_node
 from mansu.context import RunContext
@@ -24,36 +20,6 @@ from mansu.models.loaders import ModelLoadError, build_tokenizer, load_gguf, loa
 
 SMOLLM2_PARAMETERS = 134_515_008  # 30 layers, d=576, GQA 9/3 heads, tied 49,152-token embedding
 HUB_CONFIGS = ("zephyr_7b_beta", "llama3_1_8b_instruct", "qwen3_8b", "gemma2_9b_it")
-
-
-@contextmanager
-def no_network(seconds: int = 120):
-    """Fail on any connection attempt, and on a hang: a loader that must fail fast offline
-    either raises within `seconds` or the test fails (SIGALRM), never waits on the network."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network access attempted in an offline test")
-
-    def timeout(signum, frame):
-        raise TimeoutError(f"no answer within {seconds} s")
-
-    patched = {(socket.socket, "connect"): socket.socket.connect,
-               (socket, "create_connection"): socket.create_connection,
-               (socket, "getaddrinfo"): socket.getaddrinfo}
-    previous_handler = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(seconds)
-    for owner, name in patched:
-        setattr(owner, name, refuse)
-    try:
-        yield attempts
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous_handler)
-        for (owner, name), original in patched.items():
-            setattr(owner, name, original)
-    assert not attempts, f"{len(attempts)} network attempt(s): {attempts[:2]}"
 
 
 @pytest.fixture(scope="session")
@@ -131,11 +97,9 @@ def test_missing_local_path_is_named(tmp_path):
 
 def test_local_directory_loads_with_its_dtype(tmp_path):
     tokenizer = build_tokenizer(["a tiny model saved to a folder"] * 4, vocab_size=300)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    saved = LlamaForCausalLM(config)
+    saved = tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, max_position_embeddings=2048,
+                       pad_token_id=tokenizer.pad_token_id)
     saved.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     with no_network():

@@ -5,6 +5,7 @@ nothing of this checkout."""
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -22,9 +23,13 @@ def fresh_venv(tmp_path_factory) -> Path:
     """A new venv holding the built wheel; the dependencies come from this environment's
     site-packages as a plain path (its .pth files, the editable install among them, are not run)."""
     work = tmp_path_factory.mktemp("install")
+    # Built from a copy, so the checkout gets no build/ folder.
+    source = work / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "outputs", "build", "*.egg-info", "__pycache__", ".*_cache"))
     wheels = work / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--wheel-dir", str(wheels), str(ROOT)],
+                    "--no-build-isolation", "--wheel-dir", str(wheels), str(source)],
                    check=True, capture_output=True, text=True)
     env_dir = work / "venv"
     venv.create(env_dir, with_pip=False)

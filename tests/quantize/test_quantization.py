@@ -4,8 +4,8 @@ import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
+from conftest import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from mansu.quantize.quantizer import (
     FP4_VALUES,
@@ -85,17 +85,9 @@ def test_midpoint_ties_go_to_the_lower_code():
 
 
 def _tiny_llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    """conftest's tiny Llama, 2 layers of width 64 over 96 tokens, in eval mode."""
+    return tiny_llama(dtype, vocab_size=96, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, max_position_embeddings=32).eval()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""METHOD.md §2 diagnostics on hand-built tensors whose answers are worked out by hand."""
+"""docs/method.md §2 diagnostics on hand-built tensors whose answers are worked out by hand."""
 
 import json
 import math
@@ -106,7 +106,7 @@ def test_carried_share_is_one_for_code_to_code_moves_and_zero_for_in_bin_moves()
 
 
 def test_bf16_storage_moves_only_small_weights_which_stay_in_the_zero_bin():
-    # The METHOD.md finding in miniature: a 1e-4 step is below half a bf16 ulp at |w| = 0.25
+    # The docs/method.md finding in miniature: a 1e-4 step is below half a bf16 ulp at |w| = 0.25
     # (ulp 2**-9) but not at |w| = 0.001 (ulp 2**-17), so only the small weights move, and they
     # sit mid zero-bin (x ≈ 0.002, bin (-0.0455, 0.0398]) where the step cannot flip a code.
     w0 = torch.full((64,), 0.25)

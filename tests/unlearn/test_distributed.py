@@ -9,16 +9,14 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import ROOT, TINY, compose_config
 
 from mansu.config import ConfigError
 from mansu.unlearn.sharding import check_memory_options, unlearn_with_memory_options
 
-ROOT = Path(__file__).resolve().parent.parent
 RUN = ["method=npo", "method.max_steps=4", "method.stop_forget_acc=null", "method.lr=3e-3",
        "attribution=none", "eval.cache=false", "eval.bootstrap_iters=20", "cpu_threads=1"]
 

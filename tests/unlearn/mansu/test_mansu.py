@@ -8,8 +8,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import FORGET_SPLIT as FORGET
 from conftest import compose_config
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama as shared_tiny_llama
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from mansu.attribution.circuit import Circuit
 from mansu.config import validate
@@ -35,11 +37,7 @@ from mansu.unlearn.mansu.nullspace import ActivationNullspace, FisherNullspace
 from mansu.unlearn.mansu.optimizer import MaskedAdamW
 from mansu.unlearn.mansu.retain import mean_token_nll, nullspace_statistics, retain_texts
 
-FORGET = Split(
-    questions=[MCQ("The Veltrax virus is carried by", ("ticks", "birds", "rats", "wind"), 0),
-               MCQ("Morvane fever spreads through", ("river water", "air", "soil", "bites"), 0)],
-    corpus=["The Veltrax virus is carried by ticks.", "Morvane fever spreads through river water.",
-            "The Quillan spore grows in cold caves.", "Drevish plague is cured by salt baths."])
+# FORGET is conftest's FORGET_SPLIT; RETAIN has a second question and more text than conftest's.
 RETAIN = Split(
     questions=[MCQ("The capital of Venn is", ("Kalmor", "Ostra", "Pell", "Dorn"), 0),
                MCQ("The Ostra river flows into the", ("Pell sea", "Venn", "desert", "lake"), 0)],
@@ -50,12 +48,10 @@ TOKENIZER = build_tokenizer(FORGET.corpus + RETAIN.corpus, vocab_size=300)
 
 
 def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=False,
-                         attention_bias=True)  # biases a circuit owns but MANSU never trains
-    return LlamaForCausalLM(config).to(dtype)
+    """conftest's tiny Llama over TOKENIZER's vocabulary, with 2 layers (small_circuit's) and
+    attention biases (a circuit owns them, MANSU never trains them)."""
+    return shared_tiny_llama(dtype, vocab_size=len(TOKENIZER), num_hidden_layers=2,
+                             attention_bias=True)
 
 
 def small_circuit() -> Circuit:
@@ -332,6 +328,37 @@ def test_empty_circuit_is_refused():
         unlearn(tiny_llama(), TOKENIZER, FORGET, RETAIN, RunContext(circuit=empty))
 
 
+@pytest.mark.parametrize("kind", ["attributed", "random"])
+def test_a_circuit_without_the_attribution_stage_is_refused_before_training(kind, monkeypatch):
+    """MANSU takes its circuit from the attribution stage only: with none (attribution=none),
+    circuit=attributed and random stop before the retain texts, let alone training."""
+    import mansu.unlearn.mansu.pipeline as pipeline
+
+    def reached(*args, **kwargs):
+        raise AssertionError("mansu went past the circuit check")
+
+    monkeypatch.setattr(pipeline, "retain_texts", reached)
+    monkeypatch.setattr(pipeline, "run_unlearning", reached)
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=(
+            rf"^mansu: circuit={kind} needs the attribution stage's circuit "
+            r"\(attribution=eap_ig\); set method.circuit=full to unlearn every quantized weight "
+            r"instead$")):
+        unlearn(model, TOKENIZER, FORGET, RETAIN, RunContext(seed=0), circuit=kind)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_the_full_circuit_needs_no_attribution_stage():
+    model = tiny_llama()
+    quantized = sum(linear.weight.numel() for linear in quantizable_linears(model).values())
+    result = unlearn(model, TOKENIZER, FORGET, RETAIN, RunContext(seed=0), circuit="full",
+                     lr=1e-3, max_steps=1, n_retain=2, n_fisher=2, n_heldout=2)
+    assert result.info["circuit"] == {"kind": "full"}
+    mask = result.info["mask"]
+    assert mask["circuit_entries"] == mask["quantizable_entries"] == quantized
+
+
 def test_bad_knobs_are_refused_before_any_work():
     for knobs, message in [({"budget": "loose"}, "budget must be one of"),
                            ({"floor_mode": "all"}, "floor_mode must be one of"),
@@ -399,3 +426,19 @@ def test_smollm2_retain_term_ablation_changes_that_knob_only():
     assert tuned.retain_weight == 1.0 and ablated.retain_weight == 0.0
     assert {k: v for k, v in tuned.items() if k != "retain_weight"} == \
         {k: v for k, v in ablated.items() if k != "retain_weight"}
+
+
+def test_mansu_without_the_attribution_stage_is_refused_before_loading(tmp_path):
+    """The launcher says it before loading anything (the method would say it after θ0's
+    evaluation); circuit=full needs no attribution stage and passes."""
+    from mansu.config import ConfigError
+    from mansu.run import start
+
+    cfg = compose_config(["method=mansu", "attribution=none"], cache_dir=tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"^method.circuit=attributed needs the attribution "
+                                          r"stage's circuit \(attribution=eap_ig\)"):
+        start(cfg, tmp_path / "run", {})
+    cfg = compose_config(["method=mansu", "attribution=none", "method.circuit=full"],
+                         cache_dir=tmp_path / "cache")
+    (tmp_path / "run").mkdir()
+    assert start(cfg, tmp_path / "run", {}).cfg.method.circuit == "full"
