@@ -25,53 +25,37 @@ import torch
 from torch.nn import functional as F
 
 from baselines.qat_nf4 import QuantizedForward, quantized_weight_names
-from mansu.context import RunContext
-from mansu.data import Split
-from mansu.unlearn.batches import split_batches
-from mansu.unlearn.checks import UnlearnResult, check_common_knobs, require
+from mansu.unlearn.checks import UnlearnResult, require
 from mansu.unlearn.likelihood import forward_logits, mean_nll
-from mansu.unlearn.loop import run_unlearning
 from mansu.unlearn.losses import alternative_margin_hinge, ga_loss, logit_drop_hinge
-from mansu.unlearn.optimizers import StorageAdamW, trainable_parameters
 from mansu.unlearn.reference import frozen_copy
+from mansu.unlearn.scaffold import Training, baseline
 
 
-def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
-            hinge: Literal["reference", "alternatives"] = "reference",
+@baseline("margin")
+def unlearn(training: Training, *, hinge: Literal["reference", "alternatives"] = "reference",
             margin: float | None = None, hinge_weight: float = 1.0, ga_weight: float = 1.0,
-            alpha: float = 1.0, lr: float = 1e-5, max_steps: int = 100, batch_size: int = 4,
-            weight_decay: float = 0.01, max_length: int = 512,
-            loss_tokens: Literal["answer", "all"] = "answer", train_embeddings: bool = True,
-            blocksize: int = 64, skip_modules: tuple[str, ...] = ("lm_head",),
-            stop_forget_acc: float | None = None, eval_every: int = 10) -> UnlearnResult:
-    check_common_knobs("margin", forget, lr=lr, max_steps=max_steps, batch_size=batch_size,
-                       stop_forget_acc=stop_forget_acc, eval_every=eval_every)
+            alpha: float = 1.0, blocksize: int = 64,
+            skip_modules: tuple[str, ...] = ("lm_head",)) -> UnlearnResult:
     require(hinge in ("reference", "alternatives"),
             f"margin: hinge must be 'reference' or 'alternatives', got {hinge!r}")
     require(margin is None or margin > 0, f"margin: margin must be > 0 or null, got {margin}")
     for name, value in (("hinge_weight", hinge_weight), ("ga_weight", ga_weight),
                         ("alpha", alpha)):
         require(value >= 0, f"margin: {name} must be >= 0, got {value}")
-    require(alpha == 0 or len(retain.corpus) > 0,
+    require(alpha == 0 or len(training.retain.corpus) > 0,
             "margin: alpha > 0 needs a retain corpus, and it is empty")
+    model = training.model
     reference = frozen_copy(model)
-    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length,
-                "loss_tokens": loss_tokens}
     if margin is None:
         margin = quantization_logit_error(
-            reference, split_batches(tokenizer, forget, seed=ctx.seed, **batching),
-            count=-(-len(forget.corpus) // batch_size), blocksize=blocksize,
-            skip_modules=skip_modules)
+            reference, training.forget_batches(),
+            count=-(-len(training.forget.corpus) // training.knobs.batch_size),
+            blocksize=blocksize, skip_modules=skip_modules)
         require(margin > 0, "margin: NF4 leaves θ0's forget logits unchanged, so the measured "
                             "margin is 0; set method.margin to a number")
-    params = [p for _, p in trainable_parameters(model, train_embeddings=train_embeddings)]
-    optimizer = StorageAdamW(params, ctx.storage, lr=lr, weight_decay=weight_decay)
-    forget_batches = split_batches(tokenizer, forget, seed=ctx.seed, **batching)
-    retain_batches = (split_batches(tokenizer, retain, seed=ctx.seed + 1, **batching)
-                      if alpha > 0 else None)
 
-    def closure():
-        batch = next(forget_batches)
+    def loss(batch, retain):
         logits = forward_logits(model, batch)
         if hinge == "reference":
             with torch.no_grad():
@@ -79,17 +63,14 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
             hinge_term = logit_drop_hinge(logits, ref_logits, batch["labels"], margin)
         else:
             hinge_term = alternative_margin_hinge(logits, batch["labels"], margin)
-        loss = hinge_weight * hinge_term
+        value = hinge_weight * hinge_term
         if ga_weight > 0:
-            loss = loss + ga_weight * ga_loss(_mean_nll_of_logits(logits, batch["labels"]))
-        if retain_batches is not None:
-            loss = loss + alpha * mean_nll(model, next(retain_batches))
-        optimizer.backward(loss)
-        return loss.detach()
+            value = value + ga_weight * ga_loss(_mean_nll_of_logits(logits, batch["labels"]))
+        if retain is not None:
+            value = value + alpha * mean_nll(model, retain)
+        return value
 
-    return run_unlearning(model, tokenizer, forget, ctx, optimizer, closure, max_steps=max_steps,
-                          stop_forget_acc=stop_forget_acc, eval_every=eval_every,
-                          info={"margin": margin, "hinge": hinge, "loss_tokens": loss_tokens})
+    return training.train(loss, retain=alpha > 0, info={"margin": margin, "hinge": hinge})
 
 
 def _mean_nll_of_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -19,28 +19,18 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mansu.context import RunContext
-from mansu.data import Split
 from mansu.quantize.quantizer import quantized_linears, reference_nf4
-from mansu.unlearn.batches import split_batches
-from mansu.unlearn.checks import UnlearnResult, check_common_knobs, require
+from mansu.unlearn.checks import UnlearnResult, require
 from mansu.unlearn.likelihood import mean_nll, sequence_logprobs
-from mansu.unlearn.loop import run_unlearning
 from mansu.unlearn.losses import ga_loss, npo_loss
-from mansu.unlearn.optimizers import StorageAdamW, trainable_parameters
 from mansu.unlearn.reference import frozen_copy
+from mansu.unlearn.scaffold import Training, baseline
 
 
-def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
-            forget_loss: Literal["ga", "npo"] = "ga", beta: float = 0.1,
+@baseline("qat_nf4")
+def unlearn(training: Training, *, forget_loss: Literal["ga", "npo"] = "ga", beta: float = 0.1,
             retain_loss: Literal["none", "nll"] = "nll", alpha: float = 1.0,
-            lr: float = 1e-5, max_steps: int = 100, batch_size: int = 4,
-            weight_decay: float = 0.01, max_length: int = 512,
-            loss_tokens: Literal["answer", "all"] = "answer", train_embeddings: bool = True,
-            blocksize: int = 64, skip_modules: tuple[str, ...] = ("lm_head",),
-            stop_forget_acc: float | None = None, eval_every: int = 10) -> UnlearnResult:
-    check_common_knobs("qat_nf4", forget, lr=lr, max_steps=max_steps, batch_size=batch_size,
-                       stop_forget_acc=stop_forget_acc, eval_every=eval_every)
+            blocksize: int = 64, skip_modules: tuple[str, ...] = ("lm_head",)) -> UnlearnResult:
     require(forget_loss in ("ga", "npo"),
             f"qat_nf4: forget_loss must be 'ga' or 'npo', got {forget_loss!r}")
     require(retain_loss in ("none", "nll"),
@@ -48,39 +38,29 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
     require(beta > 0, f"qat_nf4: beta must be > 0, got {beta}")
     require(alpha >= 0, f"qat_nf4: alpha must be >= 0, got {alpha}")
     require(blocksize >= 2, f"qat_nf4: blocksize must be >= 2, got {blocksize}")
-    require(retain_loss == "none" or len(retain.corpus) > 0,
+    require(retain_loss == "none" or len(training.retain.corpus) > 0,
             f"qat_nf4: retain_loss={retain_loss!r} needs a retain corpus, and it is empty")
+    model = training.model
     names = quantized_weight_names(model, tuple(skip_modules))
-    params = [p for _, p in trainable_parameters(model, train_embeddings=train_embeddings)]
-    optimizer = StorageAdamW(params, ctx.storage, lr=lr, weight_decay=weight_decay)
-    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length,
-                "loss_tokens": loss_tokens}
-    forget_batches = split_batches(tokenizer, forget, seed=ctx.seed, **batching)
-    retain_batches = (split_batches(tokenizer, retain, seed=ctx.seed + 1, **batching)
-                      if retain_loss == "nll" else None)
     reference = None
     if forget_loss == "npo":
         with torch.no_grad():
             reference = QuantizedForward(frozen_copy(model), names, blocksize)
 
-    def closure():
+    def loss(forget, retain):
         quantized = QuantizedForward(model, names, blocksize)
-        batch = next(forget_batches)
         if reference is None:
-            loss = ga_loss(mean_nll(quantized, batch))
+            value = ga_loss(mean_nll(quantized, forget))
         else:
             with torch.no_grad():
-                logp_ref = sequence_logprobs(reference, batch)
-            loss = npo_loss(sequence_logprobs(quantized, batch), logp_ref, beta)
-        if retain_batches is not None:
-            loss = loss + alpha * mean_nll(quantized, next(retain_batches))
-        optimizer.backward(loss)
-        return loss.detach()
+                logp_ref = sequence_logprobs(reference, forget)
+            value = npo_loss(sequence_logprobs(quantized, forget), logp_ref, beta)
+        if retain is not None:
+            value = value + alpha * mean_nll(quantized, retain)
+        return value
 
-    return run_unlearning(model, tokenizer, forget, ctx, optimizer, closure, max_steps=max_steps,
-                          stop_forget_acc=stop_forget_acc, eval_every=eval_every,
-                          info={"fake_quantized_tensors": len(names), "blocksize": blocksize,
-                                "loss_tokens": loss_tokens})
+    return training.train(loss, retain=retain_loss == "nll",
+                          info={"fake_quantized_tensors": len(names), "blocksize": blocksize})
 
 
 class _StraightThroughNF4(torch.autograd.Function):

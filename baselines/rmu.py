@@ -25,30 +25,24 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from mansu.context import RunContext
-from mansu.data import Split
 from mansu.unlearn.batches import text_batches
-from mansu.unlearn.checks import UnlearnResult, check_common_knobs, require
-from mansu.unlearn.loop import run_unlearning
+from mansu.unlearn.checks import UnlearnResult, require
 from mansu.unlearn.losses import rmu_loss
-from mansu.unlearn.optimizers import StorageAdamW
 from mansu.unlearn.reference import frozen_copy
+from mansu.unlearn.scaffold import Training, baseline
 
 DECODER_LAYER_LISTS = ("model.layers", "model.language_model.layers", "transformer.h",
                        "gpt_neox.layers", "model.decoder.layers")
 MLP_OUTPUT_WEIGHTS = ("mlp.down_proj.weight", "mlp.c_proj.weight", "mlp.dense_4h_to_h.weight")
 
 
-def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
-            layer_id: int = 7, param_patterns: list[str] | None = None,
-            steering_coeffs: tuple[float, ...] = (6.5,), alphas: tuple[float, ...] = (1200.0,),
-            lr: float = 5e-5, max_steps: int = 150, batch_size: int = 4,
-            weight_decay: float = 0.01, max_length: int = 512, stop_forget_acc: float | None = None,
-            eval_every: int = 10) -> UnlearnResult:
-    check_common_knobs("rmu", forget, lr=lr, max_steps=max_steps, batch_size=batch_size,
-                       stop_forget_acc=stop_forget_acc, eval_every=eval_every)
-    require(len(retain.corpus) > 0, "rmu: the retain corpus is empty")
-    topics = [forget.corpus]
+@baseline("rmu", lr=5e-5, max_steps=150, without=("loss_tokens", "train_embeddings"))
+def unlearn(training: Training, *, layer_id: int = 7, param_patterns: list[str] | None = None,
+            steering_coeffs: tuple[float, ...] = (6.5,), alphas: tuple[float, ...] = (1200.0,)
+            ) -> UnlearnResult:
+    model, ctx, knobs = training.model, training.ctx, training.knobs
+    require(len(training.retain.corpus) > 0, "rmu: the retain corpus is empty")
+    topics = [training.forget.corpus]
     require(len(steering_coeffs) == len(topics) and len(alphas) == len(topics),
             f"rmu: steering_coeffs and alphas need one value per forget topic ({len(topics)}), "
             f"got {len(steering_coeffs)} and {len(alphas)}")
@@ -62,19 +56,20 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
 
     reference = frozen_copy(model)
     reference_layer = decoder_layers(reference)[1][layer_id]
-    optimizer = StorageAdamW([p for _, p in named], ctx.storage, lr=lr,
-                             weight_decay=weight_decay)
+    optimizer = training.optimizer([p for _, p in named])
     generator = torch.Generator().manual_seed(ctx.seed)
     hidden_size = model.get_input_embeddings().weight.shape[1]
     controls = []
     for coeff in steering_coeffs:
         u = torch.rand(1, 1, hidden_size, generator=generator)
         controls.append((u / u.norm() * coeff).to(ctx.device))
-    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length}
-    forget_batches = [text_batches(tokenizer, texts, seed=ctx.seed + i, **batching)
+    # Raw text, every token scored, one seeded stream per topic and one for the retain corpus.
+    batching = {"batch_size": knobs.batch_size, "device": ctx.device,
+                "max_length": knobs.max_length}
+    forget_batches = [text_batches(training.tokenizer, texts, seed=ctx.seed + i, **batching)
                       for i, texts in enumerate(topics)]
-    retain_batches = text_batches(tokenizer, retain.corpus, seed=ctx.seed + len(topics),
-                                  **batching)
+    retain_batches = text_batches(training.tokenizer, training.retain.corpus,
+                                  seed=ctx.seed + len(topics), **batching)
     topic_order = itertools.cycle(range(len(topics)))
 
     def closure():
@@ -89,10 +84,8 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
         optimizer.backward(loss)
         return loss.detach()
 
-    return run_unlearning(model, tokenizer, forget, ctx, optimizer, closure, max_steps=max_steps,
-                          stop_forget_acc=stop_forget_acc, eval_every=eval_every,
-                          info={"layer_id": layer_id,
-                                "trained_names": [name for name, _ in named]})
+    return training.run(optimizer, closure,
+                        info={"layer_id": layer_id, "trained_names": [name for name, _ in named]})
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

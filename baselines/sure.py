@@ -27,43 +27,31 @@ from typing import Literal
 
 import torch
 
-from mansu.context import RunContext
-from mansu.data import Split
-from mansu.unlearn.batches import split_batches
-from mansu.unlearn.checks import UnlearnResult, check_common_knobs, require
+from mansu.unlearn.checks import UnlearnResult, require
 from mansu.unlearn.likelihood import mean_nll
-from mansu.unlearn.loop import run_unlearning
 from mansu.unlearn.losses import ga_loss
-from mansu.unlearn.optimizers import StorageAdamW, trainable_parameters
+from mansu.unlearn.scaffold import Training, baseline
 
 
-def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
-            mask: Literal["gradient", "update"] = "gradient", pool_1d: bool = True,
-            lr: float = 1e-5, max_steps: int = 100, batch_size: int = 4,
-            percentile: float = 90.0, retain_alpha: float = 1.0, weight_decay: float = 0.0,
-            max_length: int = 512,
-            loss_tokens: Literal["answer", "all"] = "answer", train_embeddings: bool = True,
-            stop_forget_acc: float | None = None, eval_every: int = 10) -> UnlearnResult:
-    check_common_knobs("sure", forget, lr=lr, max_steps=max_steps, batch_size=batch_size,
-                       stop_forget_acc=stop_forget_acc, eval_every=eval_every)
+@baseline("sure", weight_decay=0.0)
+def unlearn(training: Training, *, mask: Literal["gradient", "update"] = "gradient",
+            pool_1d: bool = True, percentile: float = 90.0, retain_alpha: float = 1.0
+            ) -> UnlearnResult:
     require(mask in ("gradient", "update"),
             f"sure: mask must be 'gradient' or 'update', got {mask!r}")
     require(0 < percentile < 100, f"sure: percentile must be in (0, 100), got {percentile}")
     require(retain_alpha >= 0, f"sure: retain_alpha must be >= 0, got {retain_alpha}")
-    require(retain_alpha == 0 or len(retain.corpus) > 0,
+    require(retain_alpha == 0 or len(training.retain.corpus) > 0,
             "sure: retain_alpha > 0 needs a retain corpus, and it is empty")
-    params = [p for _, p in trainable_parameters(model, train_embeddings=train_embeddings)
-              if p.dim() >= 2 or pool_1d]
-    optimizer = StorageAdamW(params, ctx.storage, lr=lr, weight_decay=weight_decay)
-    batching = {"batch_size": batch_size, "device": ctx.device, "max_length": max_length,
-                "loss_tokens": loss_tokens}
-    forget_batches = split_batches(tokenizer, forget, seed=ctx.seed, **batching)
-    retain_batches = (split_batches(tokenizer, retain, seed=ctx.seed + 1, **batching)
-                      if retain_alpha > 0 else None)
+    model = training.model
+    params = [p for p in training.parameters() if p.dim() >= 2 or pool_1d]
+    optimizer = training.optimizer(params)
+    forget_batches = training.forget_batches()
+    retain_batches = training.retain_batches() if retain_alpha > 0 else None
     selected: list[torch.Tensor] = []
     selected_share: list[float] = []
 
-    def closure():
+    def closure():  # two backward passes, the saliency from the first: not training.train's one
         forget_loss = ga_loss(mean_nll(model, next(forget_batches)))
         optimizer.backward(forget_loss)
         selected[:] = salient_units(params, percentile)
@@ -80,11 +68,8 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
                     p.grad = p.grad * keep  # out of place: autograd may hand back a view
         return loss
 
-    result = run_unlearning(model, tokenizer, forget, ctx, optimizer, closure,
-                            max_steps=max_steps, stop_forget_acc=stop_forget_acc,
-                            eval_every=eval_every,
-                            update_masks=(lambda: selected) if mask == "update" else None,
-                            info={"mask": mask, "loss_tokens": loss_tokens})
+    result = training.run(optimizer, closure, info={"mask": mask},
+                          update_masks=(lambda: selected) if mask == "update" else None)
     result.info["selected_share_mean"] = sum(selected_share) / len(selected_share)
     return result
 
