@@ -18,7 +18,8 @@ class RunContext:
     model in bf16 does; ``bf16_master``, bf16 weights with an fp32 master copy in the optimizer.
     scoring: the benchmark's MCQ scoring (`cloze` | `letter`), for methods that evaluate
     as they train. run_dir: this job's own folder. cache_dir: stage artifacts shared between runs and jobs.
-    circuit: the forget circuit the attribution stage selected on θ0 (None when it is off)."""
+    circuit: the forget circuit the attribution stage selected on θ0 (None when it is off).
+    retain_fit: the retain part a method may fit to but not train on (mansu.benchmarks.parts)."""
 
     seed: int = 0
     storage: str = "fp32"
@@ -27,6 +28,7 @@ class RunContext:
     run_dir: Path = Path(".")
     cache_dir: Path = Path("outputs/cache")
     circuit: Any = None  # mansu.attribution.circuit.Circuit selected on θ0, when the attribution stage ran
+    retain_fit: Any = None  # mansu.data.Split: retain texts to fit to, never to train on (MANSU's Fisher)
 
     def __post_init__(self):
         if self.storage not in STORAGE_DTYPES:

@@ -149,7 +149,10 @@ class Benchmark:
 
     ``extra_retain`` holds further retain-style evaluations reported beside the main ones (e.g. an
     MMLU subsample next to a fact set); ``inject`` says the model must first be taught the facts
-    (only the embedded synthetic benchmark does this, for the tiny model).
+    (only the embedded synthetic benchmark does this, for the tiny model). ``retain_train`` and
+    ``retain_fit`` are the retain parts methods may train on and the pipeline may fit to; once the
+    run has cut them (mansu.benchmarks.parts), ``retain`` is the scored part only. A builder may
+    give its own parts.
     """
 
     name: str
@@ -158,6 +161,10 @@ class Benchmark:
     scoring: str = "cloze"
     extra_retain: dict[str, Split] = field(default_factory=dict)
     inject: bool = False
+    retain_train: Split | None = None
+    retain_fit: Split | None = None
 
     def all_texts(self) -> list[str]:
-        return self.forget.corpus + self.retain.corpus
+        parts = [self.retain, self.retain_train, self.retain_fit]
+        return self.forget.corpus + [text for part in parts if part is not None
+                                     for text in part.corpus]

@@ -22,13 +22,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mansu.attribution.stage import attribute_theta0
+from mansu.benchmarks.parts import fingerprints, with_retain_parts
 from mansu.cad.stage import circuit_divergence
 from mansu.config import ConfigError, validate, validate_top_level
 from mansu.context import RunContext
 from mansu.data import Benchmark
 from mansu.evaluate.stage import evaluate
 from mansu.io.cache import StageCache, key_of
-from mansu.io.record import atomic_write_json, environment, summary_table, verdicts
+from mansu.io.record import atomic_write_json, environment, summary_table
 from mansu.io.safeguards import check_free_disk, check_writable
 from mansu.quantize.stage import quantize
 from mansu.reversal.stage import reversal_stages
@@ -36,6 +37,7 @@ from mansu.settings import AttributionSettings, EvalSettings
 from mansu.stats import paired_bootstrap
 from mansu.unlearn.sharding import init_distributed, memory_key
 from mansu.unlearn.stage import unlearn
+from mansu.verdicts import judge
 
 log = logging.getLogger("mansu")
 stage_log = logging.getLogger("mansu.stage")  # one line per stage (run.log only in a sweep)
@@ -157,11 +159,15 @@ def load_stage(job: Job) -> None:
     check_free_disk({job.run_dir: weights,
                      **({job.ctx.cache_dir: weights} if job.settings.cache else {})})
     scoring = job.settings.scoring or job.benchmark.scoring
-    job.ctx = replace(job.ctx, scoring=scoring)
+    job.ctx = replace(job.ctx, scoring=scoring, retain_fit=job.benchmark.retain_fit)
     job.record["scoring"] = scoring
+    job.record["data"] = fingerprints(job.benchmark)
+    job.record["theta0"] = getattr(job.model, "theta0_source", {"format": "built by the model config"})
     job.record.setdefault("metrics", {}).setdefault("accuracy", {})
+    settings = job.settings
     job.model_key = key_of(job.cfg.model, job.cfg.benchmark, job.cfg.storage, scoring,
-                           job.settings.bootstrap_iters)
+                           settings.bootstrap_iters, "retain parts", settings.retain_train,
+                           settings.retain_fit, settings.retain_split_seed)
 
 
 def attribution_stage(job: Job) -> None:
@@ -197,14 +203,11 @@ def finish(job: Job) -> dict:
     job.qmodel = None
     record = job.record
     # Per-question outcomes go beside the record (for paired comparisons across runs), not in it.
-    atomic_write_json(job.run_dir / "predictions.json", {
-        model_name: {split: result.pop("correct") for split, result in splits.items()}
-        for model_name, splits in job.accuracy.items()})
-    settings = job.settings
-    record["verdicts"] = verdicts(
-        record["metrics"], min_forgetting=settings.min_forgetting,
-        max_retain_drop=settings.max_retain_drop, max_ptq_gap=settings.max_ptq_gap,
-        min_cad_over_floor=settings.min_cad_over_floor)
+    correct = {model_name: {split: result.pop("correct") for split, result in splits.items()}
+               for model_name, splits in job.accuracy.items()}
+    atomic_write_json(job.run_dir / "predictions.json", correct)
+    chance = [1 / len(question.choices) for question in job.benchmark.forget.questions]
+    record.update(judge(record["metrics"], correct, chance, job.settings, job.ctx.seed))
     record["status"] = "ok"
     path = atomic_write_json(job.run_dir / "result.json", record)
     job.tracker.log_record(record)
@@ -263,11 +266,16 @@ def stopwatch(timings: dict):
 
 
 def load(cfg: DictConfig, ctx: RunContext) -> tuple[Benchmark, torch.nn.Module, object]:
+    """The benchmark with its retain parts cut and checked (before the model: a bad split costs
+    seconds), then the model, taught every fact when the benchmark asks for it."""
     benchmark: Benchmark = instantiate(cfg.benchmark)
     if not benchmark.forget.questions:
         raise ValueError("the forget set is empty")
+    settings: EvalSettings = instantiate(cfg.eval)
+    parted = with_retain_parts(benchmark, train=settings.retain_train, fit=settings.retain_fit,
+                               seed=settings.retain_split_seed, min_eval=settings.min_retain_eval)
     model, tokenizer = instantiate(cfg.model, _partial_=True)(benchmark, ctx)
     model = model.to(device=ctx.device, dtype=ctx.param_dtype)
     model.eval()
-    return benchmark, model, tokenizer
+    return parted, model, tokenizer
 

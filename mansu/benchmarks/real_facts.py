@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mansu.benchmarks.lm_eval_task import mmlu_questions
 from mansu.benchmarks.mmlu import load_mmlu
+from mansu.benchmarks.parts import cut
 from mansu.data import MCQ, Benchmark, Split, read_mcq_jsonl, statement_split
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -49,15 +50,26 @@ def fact_split(path: Path, split: str = "all", seed: int = 0) -> Split:
 
 
 def build(*, split: str = "test", split_seed: int = 0, mmlu_size: int = 200, mmlu_seed: int = 0,
-          scoring: str = "cloze") -> Benchmark:
+          scoring: str = "cloze", fit_share: float = 1 / 3) -> Benchmark:
     """Forget/retain facts (123/135 questions in all; ``split`` picks a half of each), and, with
-    mmlu_size > 0, that many seeded MMLU questions, all subjects, as the extra retain "mmlu"."""
+    mmlu_size > 0, that many seeded MMLU questions, stratified by subject, as the extra retain
+    "mmlu".
+    The retain facts of the chosen half are scored; those of the other half are the parts the run
+    may train on (the first 1 − fit_share of a seeded order) and fit to (the rest), so that no
+    step sees a scored fact. ``all`` has no other half: the run cuts its retain facts itself."""
     if scoring not in ("cloze", "letter"):
         raise ValueError(f"benchmark.scoring must be cloze or letter, got {scoring!r}")
+    if not 0 < fit_share < 1:
+        raise ValueError(f"benchmark.fit_share must be in (0, 1), got {fit_share}")
     extra = {}
     if mmlu_size:
-        pairs = load_mmlu(size=mmlu_size, seed=mmlu_seed)
+        pairs = load_mmlu(size=mmlu_size, seed=mmlu_seed, stratified=True)
         extra["mmlu"] = Split(mmlu_questions(pairs, scoring))
+    parts = {}
+    if split != "all":
+        other = fact_split(FACT_FILES["retain"], "dev" if split == "test" else "test", split_seed)
+        cuts = cut(other, train=1 - fit_share, fit=fit_share, seed=split_seed)
+        parts = {"retain_train": cuts["train"], "retain_fit": cuts["fit"]}
     return Benchmark(f"smollm2_facts_{split}", fact_split(FACT_FILES["forget"], split, split_seed),
                      fact_split(FACT_FILES["retain"], split, split_seed), scoring=scoring,
-                     extra_retain=extra)
+                     extra_retain=extra, **parts)

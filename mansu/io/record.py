@@ -1,4 +1,5 @@
-"""The result record: one flat JSON document per run, the four verdicts, atomic writes."""
+"""The result record: one flat JSON document per run, its terminal summary, atomic writes (the
+verdicts are mansu.verdicts')."""
 
 from __future__ import annotations
 
@@ -86,34 +87,6 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def verdicts(metrics: dict, *, min_forgetting: float, max_retain_drop: float,
-             max_ptq_gap: float, min_cad_over_floor: float) -> dict:
-    """The four properties of docs/method.md §6. margin > 0 means the property holds with that much to
-    spare; a property whose metric was not measured has holds = None, never a pass."""
-
-    def verdict(value, threshold, sense):
-        if value is None:
-            return {"holds": None, "value": None, "threshold": threshold, "margin": None}
-        margin = value - threshold if sense == ">=" else threshold - value
-        return {"holds": bool(margin >= 0), "value": value, "threshold": threshold,
-                "margin": margin}
-
-    acc = metrics["accuracy"]
-    forgetting = acc["theta0"]["forget"]["accuracy"] - acc["thetau"]["forget"]["accuracy"]
-    retain_drop = acc["theta0"]["retain"]["accuracy"] - acc["thetau"]["retain"]["accuracy"]
-    gap = metrics.get("ptq_gap", {}).get("value")
-    cad = metrics.get("cad", {}).get("cad_minus_floor")
-    return {
-        "forgetting": verdict(forgetting, min_forgetting, ">="),
-        "retain_preservation": verdict(retain_drop, max_retain_drop, "<="),
-        "quantization_permanence": verdict(gap, max_ptq_gap, "<="),
-        # CAD's definition (mansu.cad.divergence.DEFINITION) is the one its controls showed to tell erasure
-        # from downstream suppression; the verdict names it.
-        "structural_erasure": {**verdict(cad, min_cad_over_floor, ">="),
-                               "definition": metrics.get("cad", {}).get("definition")},
-    }
-
-
 def environment() -> dict:
     versions = {}
     for name in PACKAGES:
@@ -152,7 +125,7 @@ def summary_table(record: dict) -> str:
         lines.append(f"PTQ gap ({record['quantizer']}): {gap['value']:+.3f} "
                      f"[{gap['ci_low']:+.3f}, {gap['ci_high']:+.3f}]")
     for name, v in record.get("verdicts", {}).items():
-        state = {True: "holds", False: "FAILS", None: "not measured"}[v["holds"]]
+        state = v.get("outcome") or {True: "holds", False: "FAILS", None: "not measured"}[v["holds"]]
         margin = "" if v["margin"] is None else f" (margin {v['margin']:+.3f})"
         lines.append(f"{name:24s} {state}{margin}")
     return "\n".join(lines)

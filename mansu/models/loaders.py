@@ -146,6 +146,8 @@ def load_pretrained(
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {type(err).__name__}: {err}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.theta0_source = {"file": name_or_path, "format": "hugging face checkpoint",
+                           "revision": revision, "dtype": dtype}
     return model, tokenizer
 
 
@@ -193,7 +195,22 @@ def load_gguf(
                          "source.json")
         log.info("converted %s to %s", gguf_path.name, path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return _load_dir(path, DTYPES[dtype]), tokenizer
+    model = _load_dir(path, DTYPES[dtype])
+    model.theta0_source = gguf_provenance(gguf_path)
+    return model, tokenizer
+
+
+def gguf_provenance(gguf_path: Path) -> dict:
+    """What θ0 is made of, for the record: the file, its format and how many tensors each GGUF
+    quantization type stores (SmolLM2's Q4_1: every 64-weight NF4 block of a Q4_1 tensor holds at
+    most 32 distinct values, so this θ0 already sits on a 4-bit grid)."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    types = Counter(tensor.tensor_type.name for tensor in GGUFReader(str(gguf_path)).tensors)
+    return {"file": gguf_path.name, "format": "gguf (dequantized by transformers)",
+            "bytes": gguf_path.stat().st_size, "tensor_types": dict(sorted(types.items()))}
 
 
 def _find_gguf(package: str | None, directory: str | None, filename: str) -> Path:

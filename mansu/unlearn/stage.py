@@ -1,4 +1,5 @@
-"""The unlearning stage: the configured method, or its cached parameter changes reapplied."""
+"""The unlearning stage: the configured method, or its cached parameter changes reapplied. A method
+gets the forget split and the retain *train* part only (the scored part never reaches it)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def unlearn(model, tokenizer, benchmark: Benchmark, ctx: RunContext, cfg: DictCo
     def train() -> dict:
         method = instantiate(cfg.method)
         result = unlearn_with_memory_options(method, model, tokenizer, benchmark.forget,
-                                             benchmark.retain, ctx, cfg)
+                                             benchmark.retain_train, ctx, cfg)
         if result.model is not model:
             model.load_state_dict(result.model.state_dict())
         # named_parameters lists a tied weight (embeddings = lm_head) once, as safetensors needs.

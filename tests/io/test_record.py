@@ -8,6 +8,7 @@ import pytest
 
 from mansu.io import record as rec
 from mansu.stats import paired_bootstrap
+from mansu.verdicts import point_verdicts
 
 
 def test_paired_bootstrap_value_and_degenerate_interval():
@@ -41,7 +42,7 @@ THRESHOLDS = dict(min_forgetting=0.10, max_retain_drop=0.03, max_ptq_gap=0.0,
 
 
 def test_verdicts_and_margins_by_hand():
-    v = rec.verdicts(metrics(0.9, 0.3, 0.95, 0.94, gap=0.05, cad=0.7), **THRESHOLDS)
+    v = point_verdicts(metrics(0.9, 0.3, 0.95, 0.94, gap=0.05, cad=0.7), **THRESHOLDS)
     assert v["forgetting"]["holds"] and v["forgetting"]["margin"] == pytest.approx(0.5)
     assert v["retain_preservation"]["holds"] and v["retain_preservation"]["margin"] == pytest.approx(0.02)
     assert not v["quantization_permanence"]["holds"]
@@ -50,7 +51,7 @@ def test_verdicts_and_margins_by_hand():
 
 
 def test_unmeasured_property_is_never_a_pass():
-    v = rec.verdicts(metrics(0.9, 0.3, 0.95, 0.95), **THRESHOLDS)
+    v = point_verdicts(metrics(0.9, 0.3, 0.95, 0.95), **THRESHOLDS)
     assert v["quantization_permanence"]["holds"] is None
     assert v["structural_erasure"]["holds"] is None
 
@@ -82,6 +83,6 @@ def test_summary_table_prints_four_models_and_verdicts():
         "accuracy": {k: {"forget": {"accuracy": 0.5}, "retain": {"accuracy": 0.9}}
                      for k in ("theta0", "thetau", "q_theta0", "q_thetau")},
         "ptq_gap": {"value": 0.02, "ci_low": -0.01, "ci_high": 0.05}},
-        "verdicts": rec.verdicts(metrics(0.9, 0.3, 0.95, 0.94, gap=0.02), **THRESHOLDS)}
+        "verdicts": point_verdicts(metrics(0.9, 0.3, 0.95, 0.94, gap=0.02), **THRESHOLDS)}
     table = rec.summary_table(r)
     assert "Q(θu)" in table and "PTQ gap (nf4): +0.020" in table and "not measured" in table

@@ -77,7 +77,7 @@ def unlearn(model, tokenizer, forget: Split, retain: Split, ctx: RunContext, *,
     masked, mask_info = build_mask(model, linears, chosen_circuit, blocksize)
     texts = retain_texts(tokenizer, retain, loss_tokens=loss_tokens, n_nullspace=n_retain,
                          n_fisher=n_fisher, n_heldout=n_heldout, seed=ctx.seed,
-                         max_length=max_length)
+                         max_length=max_length, fit=ctx.retain_fit)
     encoded_forget = forget_encoded(tokenizer, forget, loss_tokens, max_length)
     require(bool(encoded_forget), "mansu: no forget text has a token to score")
     device = ctx.device

@@ -1,7 +1,8 @@
 """What MANSU knows about the retain set (docs/method.md §4.2-4.3, as changed by measurement).
 
 The retain texts are cut into three disjoint, seeded sets, so that no quantity is checked on the
-texts that shaped it:
+texts that shaped it (in a run, the null space from the retain train part, the other two from the
+fit part; the scored part is never among them):
 - ``nullspace`` texts give the per-example gradients whose span the forget step is projected off
   (and, for ``nullspace: activation``, each layer's input covariance);
 - ``fisher`` texts give the retain-cost model: the diagonal Fisher F and mean gradient ḡ of the
@@ -46,23 +47,42 @@ class RetainTexts:
 
 
 def retain_texts(tokenizer, retain: Split, *, loss_tokens: str, n_nullspace: int, n_fisher: int,
-                 n_heldout: int, seed: int, max_length: int) -> RetainTexts:
-    """Three disjoint seeded sets of encoded retain texts of the wanted sizes; a corpus too
-    small for all three is shared out in the same proportions, at least one text each."""
-    encoded = encode_texts(tokenizer, retain.corpus, max_length=max_length,
-                           answer_starts=scored_answer_starts(retain, loss_tokens))
-    require(len(encoded) >= 3, f"mansu: the retain corpus has {len(encoded)} usable texts; the "
-                               "null space, the retain-cost model and the held-out check need "
-                               "three disjoint sets, so at least 3")
-    wanted = [n_nullspace, n_fisher, n_heldout]
+                 n_heldout: int, seed: int, max_length: int, fit: Split | None = None
+                 ) -> RetainTexts:
+    """Three disjoint seeded sets of encoded retain texts of the wanted sizes. With ``fit`` (the
+    run's retain fit part) the null-space texts come from ``retain`` (the train part, the only one
+    a step may train on) and the Fisher and held-out texts from ``fit``; without it all three are
+    cut from ``retain``. A corpus too small for its sets is shared out in the same proportions,
+    at least one text each."""
+    def encoded(split: Split) -> list[Encoded]:
+        return encode_texts(tokenizer, split.corpus, max_length=max_length,
+                            answer_starts=scored_answer_starts(split, loss_tokens))
+
+    if fit is None:
+        texts = encoded(retain)
+        require(len(texts) >= 3, f"mansu: the retain corpus has {len(texts)} usable texts; the "
+                                 "null space, the retain-cost model and the held-out check need "
+                                 "three disjoint sets, so at least 3")
+        return RetainTexts(*_shares(texts, [n_nullspace, n_fisher, n_heldout], seed))
+    train, fitted = encoded(retain), encoded(fit)
+    require(len(train) >= 1, "mansu: the retain train part has no usable text for the null space")
+    require(len(fitted) >= 2, f"mansu: the retain fit part has {len(fitted)} usable texts; the "
+                              "retain-cost model and the held-out check need two disjoint sets")
+    (nullspace,) = _shares(train, [n_nullspace], seed)
+    fisher, heldout = _shares(fitted, [n_fisher, n_heldout], seed)
+    return RetainTexts(nullspace, fisher, heldout)
+
+
+def _shares(encoded: list[Encoded], wanted: list[int], seed: int) -> list[list[Encoded]]:
     if sum(wanted) > len(encoded):
         shares = [max(1, len(encoded) * n // sum(wanted)) for n in wanted]
-        shares[0] = len(encoded) - shares[1] - shares[2]
+        shares[0] = len(encoded) - sum(shares[1:])
         wanted = shares
     order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed)).tolist()
-    cuts = [0, wanted[0], wanted[0] + wanted[1], sum(wanted)]
-    parts = [[encoded[i] for i in order[a:b]] for a, b in zip(cuts, cuts[1:])]
-    return RetainTexts(*parts)
+    cuts = [0]
+    for n in wanted:
+        cuts.append(cuts[-1] + n)
+    return [[encoded[i] for i in order[a:b]] for a, b in zip(cuts, cuts[1:])]
 
 
 def token_nll_sum(model, batch: dict[str, Tensor], labels: Tensor | None = None
