@@ -5,7 +5,8 @@ Usage: python scripts/make_tables.py outputs/sweeps/<date>   [--out DIR] [--brie
 One row per (model, benchmark, method, storage, quantizer) group, split further by any config keys
 given with --by (dotted, e.g. method.lr for a tuning sweep); numbers are means over the group's
 seeds. The PTQ-gap interval is a paired bootstrap over questions with each question's gap
-averaged over seeds (from each run's predictions.json), so seeds tighten it as they should.
+averaged over seeds (from each run's predictions.json), so seeds tighten it as they should; the
+deployed protocol's permanence outcome is judged once over every seed's questions pooled.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def row_of(record: dict, by: tuple[str, ...] = ()) -> dict:
         if key in acc:
             row[f"forget {label}"] = acc[key]["forget"]["accuracy"]
             row[f"retain {label}"] = acc[key]["retain"]["accuracy"]
+            if "mmlu" in acc[key]:
+                row[f"mmlu {label}"] = acc[key]["mmlu"]["accuracy"]
     row["noise gap"] = m.get("noise_control", {}).get("value")
     for fmt, result in (m.get("other_formats") or {}).items():
         row[f"{fmt} gap"] = result["ptq_gap"]["value"]
@@ -85,6 +88,7 @@ def row_of(record: dict, by: tuple[str, ...] = ()) -> dict:
     cad = m.get("cad", {})
     row["β"] = cad.get("beta")
     row["CAD − floor"] = cad.get("cad_minus_floor")  # the definition the verdict uses (cad.definition)
+    row["CAD Q(θu) − floor"] = cad.get("cad_q_minus_floor")  # the deployed protocol's
     row["CAD_proj − floor"] = cad.get("variants", {}).get("projection", {}).get("minus_floor")
     row["floor certificate"] = (m.get("unlearning", {}).get("certificate") or {}).get("code_flip_share")
     for name, verdict in record.get("verdicts", {}).items():
@@ -92,7 +96,11 @@ def row_of(record: dict, by: tuple[str, ...] = ()) -> dict:
     verdicts = record.get("verdicts", {})
     if "outcome" in verdicts.get("quantization_permanence", {}):  # the deployed protocol's
         row["permanence"] = verdicts["quantization_permanence"]["outcome"]
-        row["answer avoidance"] = verdicts["forgetting"].get("answer_avoidance")
+        forgetting = verdicts.get("forgetting", {})
+        row["answer avoidance"] = forgetting.get("answer_avoidance")
+        row["forget Q(θu) − chance"] = forgetting.get("distance_to_chance")
+        # the lower bound of the worst retain split's paired difference
+        row["retain low"] = verdicts.get("retain_preservation", {}).get("value")
     return row
 
 
@@ -112,6 +120,31 @@ def pooled_gap(records: list[dict], iters: int = 2000, seed: int = 0) -> tuple[f
     return float(gaps.mean()), float(low), float(high)
 
 
+def pooled_permanence(records: list[dict], iters: int = 2000, seed: int = 0) -> dict | None:
+    """The deployed protocol's permanence verdict (mansu.verdicts) over the questions of every
+    seed pooled: each (seed, question) is one resampling unit, so seeds tighten the interval."""
+    from mansu.verdicts import permanence_verdict
+
+    if not all("outcome" in r.get("verdicts", {}).get("quantization_permanence", {})
+               for r in records):
+        return None
+    pooled: dict[str, list] = {k: [] for k in ("theta0", "thetau", "q_theta0", "q_thetau")}
+    for record in records:
+        predictions = json.loads((record["_dir"] / "predictions.json").read_text())
+        if not set(pooled) <= set(predictions):
+            return None
+        for model in pooled:
+            pooled[model] += predictions[model]["forget"]
+    forget = {k: np.asarray(v, dtype=float) for k, v in pooled.items()}
+    n = len(forget["theta0"])
+    resamples = np.random.default_rng(seed).integers(0, n, size=(iters, n))
+    noise = [r["metrics"].get("noise_control", {}).get("value") for r in records]
+    noise_control = {"value": float(np.mean(noise))} if None not in noise else None
+    knobs = records[0].get("config", {}).get("eval", {})
+    return permanence_verdict(forget, resamples, knobs.get("min_forgetting", 0.10),
+                              knobs.get("max_share_back", 0.25), noise_control)
+
+
 def build_table(records: list[dict], by: tuple[str, ...] = ()) -> pd.DataFrame:
     rows = pd.DataFrame([row_of(r, by) for r in records])
     groups, out = GROUP + list(by), []
@@ -120,10 +153,17 @@ def build_table(records: list[dict], by: tuple[str, ...] = ()) -> pd.DataFrame:
         numeric = group.drop(columns=groups + ["seed"]).apply(pd.to_numeric, errors="coerce")
         row = dict(zip(groups, keys)) | {"seeds": len(group)} | numeric.mean().to_dict()
         row["PTQ gap"], row["gap low"], row["gap high"] = pooled_gap(members)
+        permanence = pooled_permanence(members)
+        if permanence is not None:  # over every seed's questions at once
+            row["permanence"] = permanence["outcome"]
+            row["share back"] = permanence["value"]
+            row["share high"] = permanence["share_ci"][1]
         for col in [c for c in group.columns if c.startswith("v:")]:
             held = group[col].tolist()
             row[col] = (None if any(h is None for h in held) else all(held) if len(set(held)) == 1
                         else f"{sum(held)}/{len(held)}")  # held in some seeds: say how many
+        if permanence is not None:
+            row["v:quantization_permanence"] = permanence["holds"]
         out.append(row)
     table = pd.DataFrame(out)
     varying = [c for c in GROUP if table[c].nunique(dropna=False) > 1] or ["method"]
@@ -170,10 +210,11 @@ def markdown(table: pd.DataFrame, by: tuple[str, ...] = (), columns: tuple[str, 
     return "\n".join(lines)
 
 
-BRIEF_ROWS = ["forget θ0", "forget θu", "forget Q(θu)", "retain θ0", "retain θu", "retain Q(θu)",
-              "PTQ gap", "noise gap", "updated share", "CAD − floor", "v:forgetting",
-              "v:retain_preservation", "v:quantization_permanence", "permanence", "answer avoidance",
-              "v:structural_erasure"]
+BRIEF_ROWS = ["forget θ0", "forget θu", "forget Q(θu)", "forget Q(θu) − chance", "retain θ0",
+              "retain θu", "retain Q(θu)", "mmlu θ0", "mmlu Q(θu)", "retain low", "PTQ gap",
+              "noise gap", "share back", "updated share", "CAD − floor", "CAD Q(θu) − floor",
+              "v:forgetting", "answer avoidance", "v:retain_preservation",
+              "v:quantization_permanence", "permanence", "v:structural_erasure"]
 
 
 def brief(table: pd.DataFrame) -> str:

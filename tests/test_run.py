@@ -36,6 +36,15 @@ def test_record_has_every_metric_of_the_four_models(tmp_path, session_cache, tin
     assert diag["n_moved"] > 0 and diag["bin_update_ratio_median"] > 0
     assert set(on_disk["verdicts"]) == {"forgetting", "retain_preservation",
                                         "quantization_permanence", "structural_erasure"}
+    assert set(on_disk["verdicts_point"]) == set(on_disk["verdicts"])  # the first rule, beside
+    assert on_disk["verdicts"]["forgetting"]["model"] == "q_thetau"
+    assert on_disk["verdicts"]["quantization_permanence"]["outcome"] in (
+        "holds", "reversal", "inconclusive", "nothing to keep")
+    parts = on_disk["data"]
+    assert set(parts) == {"forget", "retain_train", "retain_fit", "retain_eval"}
+    assert parts["retain_eval"]["questions"] == acc["theta0"]["retain"]["n"]
+    assert sum(parts[k]["questions"] for k in ("retain_train", "retain_fit", "retain_eval")) == 24
+    assert len({parts[k]["fingerprint"] for k in parts}) == 4
     assert on_disk["storage"] == "fp32" and on_disk["seed"] == 3
     assert on_disk["environment"]["packages"]["bitsandbytes"]
     assert set(on_disk["timings"]) >= {"load", "unlearn", "evaluate_theta0", "quantize_thetau"}

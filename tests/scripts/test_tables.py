@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -98,3 +99,31 @@ def test_a_verdict_held_in_some_seeds_says_in_how_many(sweep, capsys):
     assert make_tables.main([str(sweep)]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ga")]
     assert table[0].split(" | ")[-1] == "1/2 |"
+
+
+def test_permanence_is_judged_once_over_every_seeds_questions(tmp_path):
+    """Two seeds of 10 questions, each forgetting all and bringing 1 back under NF4 (share 0.1):
+    the table's verdict is mansu.verdicts' over both seeds' 20 questions as one sample, not a
+    vote of the seeds' own verdicts."""
+    from mansu.verdicts import permanence_verdict
+
+    forget = {"theta0": [1] * 10, "thetau": [0] * 10, "q_theta0": [1] * 10,
+              "q_thetau": [1] + [0] * 9}
+    for seed in (0, 1):
+        folder = tmp_path / f"ga_seed{seed}"
+        folder.mkdir()
+        rec = record("ga", seed, 0.0, 0.03)
+        rec["verdicts"]["quantization_permanence"] = {"holds": None, "outcome": "inconclusive"}
+        rec["config"]["eval"] = {"min_forgetting": 0.1, "max_share_back": 0.25}
+        (folder / "result.json").write_text(json.dumps(rec))
+        (folder / "predictions.json").write_text(json.dumps(
+            {model: {"forget": answers} for model, answers in forget.items()}))
+    records, _ = make_tables.load_records(tmp_path)
+    pooled = make_tables.pooled_permanence(records)
+    arrays = {k: np.asarray(v * 2, dtype=float) for k, v in forget.items()}
+    resamples = np.random.default_rng(0).integers(0, 20, size=(2000, 20))
+    assert pooled == permanence_verdict(arrays, resamples, 0.1, 0.25, {"value": 0.0})
+    assert pooled["value"] == pytest.approx(0.1) and pooled["forgetting"] == 1.0
+    table = make_tables.build_table(records)
+    assert table.loc[0, "permanence"] == pooled["outcome"]
+    assert table.loc[0, "v:quantization_permanence"] == pooled["holds"]
