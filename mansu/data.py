@@ -163,6 +163,7 @@ class Benchmark:
     inject: bool = False
     retain_train: Split | None = None
     retain_fit: Split | None = None
+    general_text: list[str] = field(default_factory=list)  # NLL only: no step trains on it
 
     def all_texts(self) -> list[str]:
         parts = [self.retain, self.retain_train, self.retain_fit]

@@ -27,7 +27,7 @@ from mansu.cad.stage import circuit_divergence
 from mansu.config import ConfigError, validate, validate_top_level
 from mansu.context import RunContext
 from mansu.data import Benchmark
-from mansu.evaluate.stage import evaluate
+from mansu.evaluate.stage import GENERAL_TEXT, evaluate
 from mansu.io.cache import StageCache, key_of
 from mansu.io.record import atomic_write_json, environment, summary_table
 from mansu.io.safeguards import check_free_disk, check_writable
@@ -202,10 +202,16 @@ def finish(job: Job) -> dict:
     """Per-question outcomes beside the record, the four verdicts, the record written atomically."""
     job.qmodel = None
     record = job.record
+    general = {name: splits.pop(GENERAL_TEXT) for name, splits in job.accuracy.items()
+               if GENERAL_TEXT in splits}
     # Per-question outcomes go beside the record (for paired comparisons across runs), not in it.
     correct = {model_name: {split: result.pop("correct") for split, result in splits.items()}
                for model_name, splits in job.accuracy.items()}
-    atomic_write_json(job.run_dir / "predictions.json", correct)
+    atomic_write_json(job.run_dir / "predictions.json", {
+        name: {**splits, **({GENERAL_TEXT: general[name]["per_text"]} if name in general else {})}
+        for name, splits in correct.items()})
+    if general:
+        record["metrics"][GENERAL_TEXT] = general_text_report(general, job.settings, job.ctx.seed)
     chance = [1 / len(question.choices) for question in job.benchmark.forget.questions]
     record.update(judge(record["metrics"], correct, chance, job.settings, job.ctx.seed))
     record["status"] = "ok"
@@ -215,6 +221,18 @@ def finish(job: Job) -> dict:
     table_log.info("\n%s", summary_table(record))
     log.info("%s", job_line(record, path))
     return record
+
+
+def general_text_report(general: dict, settings: EvalSettings, seed: int) -> dict:
+    """Each model's mean NLL per token on the general text, and the paired change of θu and of
+    Q(θu) from θ0 with its interval (reported beside retain; no margin is set for it yet)."""
+    report = {name: {"mean": g["mean"], "n": g["n"]} for name, g in general.items()}
+    for name in ("thetau", "q_thetau"):
+        if name in general and "theta0" in general:
+            report[f"{name}_change"] = paired_bootstrap(
+                general["theta0"]["per_text"], general[name]["per_text"],
+                iters=settings.bootstrap_iters, seed=seed)
+    return report
 
 
 def job_line(record: dict, path: Path) -> str:

@@ -50,13 +50,16 @@ def fact_split(path: Path, split: str = "all", seed: int = 0) -> Split:
 
 
 def build(*, split: str = "test", split_seed: int = 0, mmlu_size: int = 200, mmlu_seed: int = 0,
-          scoring: str = "cloze", fit_share: float = 1 / 3) -> Benchmark:
+          scoring: str = "cloze", fit_share: float = 1 / 3, general_text_size: int = 0
+          ) -> Benchmark:
     """Forget/retain facts (123/135 questions in all; ``split`` picks a half of each), and, with
     mmlu_size > 0, that many seeded MMLU questions, stratified by subject, as the extra retain
     "mmlu".
     The retain facts of the chosen half are scored; those of the other half are the parts the run
     may train on (the first 1 − fit_share of a seeded order) and fit to (the rest), so that no
-    step sees a scored fact. ``all`` has no other half: the run cuts its retain facts itself."""
+    step sees a scored fact. ``all`` has no other half: the run cuts its retain facts itself.
+    ``general_text_size`` MMLU questions (outside the MMLU sample) with their answers are general
+    text whose NLL is reported: at 135M MMLU accuracy sits near chance, the NLL still moves."""
     if scoring not in ("cloze", "letter"):
         raise ValueError(f"benchmark.scoring must be cloze or letter, got {scoring!r}")
     if not 0 < fit_share < 1:
@@ -65,6 +68,13 @@ def build(*, split: str = "test", split_seed: int = 0, mmlu_size: int = 200, mml
     if mmlu_size:
         pairs = load_mmlu(size=mmlu_size, seed=mmlu_seed, stratified=True)
         extra["mmlu"] = Split(mmlu_questions(pairs, scoring))
+    general = []
+    if general_text_size:  # MMLU questions with their answers, none of them in the MMLU sample
+        sample = {question for _, question in load_mmlu(size=mmlu_size, seed=mmlu_seed,
+                                                        stratified=True)} if mmlu_size else set()
+        pool = [q for _, q in load_mmlu(size=general_text_size + len(sample), seed=mmlu_seed + 1,
+                                        stratified=True) if q not in sample]
+        general = [f"{q.question} {q.choices[q.answer]}" for q in pool[:general_text_size]]
     parts = {}
     if split != "all":
         other = fact_split(FACT_FILES["retain"], "dev" if split == "test" else "test", split_seed)
@@ -72,4 +82,4 @@ def build(*, split: str = "test", split_seed: int = 0, mmlu_size: int = 200, mml
         parts = {"retain_train": cuts["train"], "retain_fit": cuts["fit"]}
     return Benchmark(f"smollm2_facts_{split}", fact_split(FACT_FILES["forget"], split, split_seed),
                      fact_split(FACT_FILES["retain"], split, split_seed), scoring=scoring,
-                     extra_retain=extra, **parts)
+                     extra_retain=extra, general_text=general, **parts)
